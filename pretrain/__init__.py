@@ -1,0 +1,1 @@
+"""ALiBi pretraining: megatron-core model, DeepSpeed trainer."""
