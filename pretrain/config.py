@@ -54,6 +54,15 @@ class ModelConfig:
     """Std of the normal init of linear weights."""
     rotary_base: int = 10000
     """RoPE base (position: rope only)."""
+    embedding_scale: float = 1.0
+    """Token embeddings are multiplied by this before the position table is added. Sinusoidal
+    configs use sqrt(hidden_size) with embedding_init_std = hidden_size**-0.5 (fairseq; without
+    it the unit-amplitude table swamps the tokens). Must be 1.0 for ALiBi (MPT export has none);
+    the GPT-2 export folds it in by untying (wte = scale * E, lm_head = E)."""
+    embedding_init_std: float = 0.02
+    """Std of the normal init of the (tied) token embedding."""
+    hidden_dropout: float = 0.0
+    """Dropout on embeddings and residual branches (attention dropout is not supported)."""
 
 
 @dataclass(kw_only=True)
@@ -67,15 +76,131 @@ class ParallelConfig:
 
 
 @dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to run (the LR schedule decays over optim.decay_steps, default these)."""
+    micro_batch_size: int = 1
+    """Sequences per forward pass per data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step = micro_batch_size x accumulation x data_parallel."""
+    seed: int = 1234
+    """Seeds the layout-independent init, dropout RNG and the data order."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on a GPU, fp32 on CPU (CPU bf16 matmuls are slow and inexact)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer layer in backward (megatron-core full recompute)."""
+    max_bad_steps: int = 5
+    """K: this many non-finite losses in a row stop the run (after a checkpoint)."""
+    log_interval: int = 10
+    """Steps between metrics.jsonl / wandb records."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 1e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0 to lr."""
+    decay_steps: int = 0
+    """Steps of warm-up + cosine decay; 0 means train.steps."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, on matrices only (not LayerNorm weights)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables); the norm spans all TP/PP shards."""
+
+
+@dataclass(kw_only=True)
+class DataSource:
+    path: str
+    """A data_prep/preprocess.py output directory (has manifest.json)."""
+    weight: float = 1.0
+    """Blend weight of this source (normalized over sources)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    sources: list[DataSource] = field(default_factory=list)
+    """Blended sources; `--data DIR` replaces them with [DIR]."""
+    reset_position_ids: bool = False
+    """Restart positions at each document (megatron GPTDataset option)."""
+    eod_mask_loss: bool = False
+    """Do not train on predicting the end-of-document token."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    save_interval: int = 1000
+    """Steps between checkpoints (also written on SIGUSR1/SIGTERM and at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are deleted after a new one is complete."""
+
+
+@dataclass(kw_only=True)
+class ValidationConfig:
+    interval: int = 1000
+    """Steps between validations (0: never)."""
+    length_multipliers: list[int] = field(default_factory=lambda: [1, 2, 4])
+    """Nonoverlapping perplexity at these multiples of the training length L."""
+    tokens: int = 65536
+    """Validation tokens scored per length (the first ones of the valid split)."""
+
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    enabled: bool = True
+    """Log to wandb (the WANDB_MODE environment variable overrides mode)."""
+    project: str = "alibi-pretrain"
+    """wandb project."""
+    name: str = ""
+    """Run name; empty: the run directory's name."""
+    group: str = ""
+    """wandb group (e.g. the comparison a run belongs to)."""
+    tags: list[str] = field(default_factory=list)
+    """wandb tags."""
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline by default: sync later with `wandb sync RUN_DIR/wandb/offline-run-*`."""
+
+
+@dataclass(kw_only=True)
+class HardwareConfig:
+    peak_tflops: float = 989.0
+    """Peak dense TFLOP/s per GPU for MFU (H100 SXM bf16: 989; A100: 312; V100: 125)."""
+    gpu_memory_gb: float = 80.0
+    """Per-GPU memory for the --dry-run fit check."""
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError listing every problem, each with its fix."""
         errors = model_errors(self.model) + parallel_errors(self.model, self.parallel, world_size)
+        errors += train_errors(self, world_size)
         if errors:
             raise ConfigError(errors)
+
+    def data_parallel(self, world_size: int) -> int:
+        return world_size // (self.parallel.tensor_parallel * self.parallel.pipeline_parallel)
+
+    def grad_accumulation(self, world_size: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel(world_size))
 
 
 def model_errors(m: ModelConfig) -> list[str]:
@@ -87,6 +212,15 @@ def model_errors(m: ModelConfig) -> list[str]:
         )
     if m.position == "sinusoidal" and m.hidden_size % 2:
         errors.append(f"hidden_size={m.hidden_size} must be even for the sinusoidal table")
+    if m.position == "alibi" and m.embedding_scale != 1.0:
+        errors.append(
+            f"embedding_scale={m.embedding_scale} with position=alibi: the MPT export has no embedding "
+            "scale; set model.embedding_scale: 1.0"
+        )
+    if m.embedding_scale <= 0 or m.embedding_init_std <= 0 or m.init_method_std <= 0:
+        errors.append("model.embedding_scale, embedding_init_std and init_method_std must be positive")
+    if not 0.0 <= m.hidden_dropout < 1.0:
+        errors.append(f"model.hidden_dropout={m.hidden_dropout} must be in [0, 1)")
     for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
         if getattr(m, name) <= 0:
             errors.append(f"model.{name}={getattr(m, name)} must be positive")
@@ -126,6 +260,47 @@ def parallel_errors(m: ModelConfig, p: ParallelConfig, world_size: int | None) -
     return errors
 
 
+def train_errors(cfg: Config, world_size: int | None) -> list[str]:
+    """Batch, schedule and logging rules; batch divisibility needs the world size."""
+    t, o, errors = cfg.train, cfg.optim, []
+    for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval", "max_bad_steps"):
+        if getattr(t, name) <= 0:
+            errors.append(f"train.{name}={getattr(t, name)} must be positive")
+    p = cfg.parallel
+    if world_size is not None and t.micro_batch_size > 0 and world_size % (p.tensor_parallel * p.pipeline_parallel) == 0:
+        dp = world_size // (p.tensor_parallel * p.pipeline_parallel)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            errors.append(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x "
+                f"data_parallel = {t.micro_batch_size} x {dp}: global batch = micro x accumulation x dp, "
+                f"so use a multiple of {t.micro_batch_size * dp}"
+            )
+    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        errors.append(f"optim.lr={o.lr} and optim.min_lr={o.min_lr} need 0 <= min_lr <= lr and lr > 0")
+    decay = o.decay_steps or t.steps
+    if o.warmup_steps < 0 or o.warmup_steps > decay:
+        errors.append(
+            f"optim.warmup_steps={o.warmup_steps} must be within [0, decay_steps={decay}]: shorten the warm-up"
+        )
+    if o.grad_clip < 0:
+        errors.append(f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
+    if cfg.checkpoint.save_interval <= 0 or cfg.checkpoint.keep_last <= 0:
+        errors.append(
+            f"checkpoint.save_interval={cfg.checkpoint.save_interval} and keep_last={cfg.checkpoint.keep_last} "
+            "must be positive"
+        )
+    v = cfg.validation
+    if v.interval < 0 or v.tokens <= 0 or not v.length_multipliers or min(v.length_multipliers) <= 0:
+        errors.append(
+            f"validation: interval={v.interval} must be >= 0, tokens={v.tokens} > 0 and "
+            f"length_multipliers={v.length_multipliers} a non-empty list of positive integers"
+        )
+    for i, src in enumerate(cfg.data.sources):
+        if src.weight <= 0:
+            errors.append(f"data.sources[{i}].weight={src.weight} must be positive")
+    return errors
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -143,6 +318,10 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             value = from_dict(hint, value, f"{where}{name}.")
+        elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            if not isinstance(value, list):
+                raise ConfigError([f"{where}{name} must be a list of mappings"])
+            value = [from_dict(typing.get_args(hint)[0], v, f"{where}{name}[{i}].") for i, v in enumerate(value)]
         kwargs[name] = _check_type(value, hint, f"{where}{name}")
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
@@ -159,6 +338,11 @@ def _check_type(value: Any, hint: Any, name: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError([f"{name}={value!r} must be of type {hint.__name__}"])
     if origin in (list, tuple) and not isinstance(value, (list, tuple)):

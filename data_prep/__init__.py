@@ -1,0 +1,1 @@
+"""Data prep: default corpus, SentencePiece tokenizer training, corpus -> megatron-core shards."""

@@ -1,0 +1,115 @@
+"""Launchers: run chunk tasks as local processes, or as a SLURM job array through submitit
+(`slurm`; `submitit-local` runs the same code path under submitit's LocalExecutor for tests).
+
+Local: a fork pool (workers inherit the imported modules), biggest chunks first; workers post
+(bytes, tokens) per batch on a queue for the progress bar; the coordinator only waits.
+submitit: the pending chunks are dealt round-robin to `tasks` array tasks; each task runs the
+local pool on its own cores; the coordinator polls the chunks' result files for progress.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import signal
+import time
+from pathlib import Path
+
+from data_prep.worker import load_done, run_chunk
+
+_QUEUE = None
+
+
+def _init_worker(q) -> None:
+    """Pool worker set-up: die with the parent (kill -9 of the coordinator leaves no orphans)."""
+    global _QUEUE
+    _QUEUE = q
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _pool_task(chunk: dict, cfg: dict) -> dict:
+    report = (lambda b, t: _QUEUE.put((b, t))) if _QUEUE is not None else None
+    return run_chunk(chunk, cfg, report)
+
+
+def run_local(chunks: list[dict], cfg: dict, workers: int, progress=None) -> dict[str, dict]:
+    """Run `chunks` on `workers` processes; progress: optional object with advance(bytes, tokens)."""
+    results: dict[str, dict] = {}
+    order = sorted(chunks, key=lambda c: -c["est_bytes"])
+    if workers <= 1 or len(chunks) <= 1:
+        for c in order:
+            results[c["id"]] = run_chunk(c, cfg, progress.advance if progress else None)
+        return results
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    errors: list[BaseException] = []
+    with ctx.Pool(min(workers, len(chunks)), initializer=_init_worker, initargs=(q,)) as pool:
+        pending = {c["id"]: pool.apply_async(_pool_task, (c, cfg), error_callback=errors.append) for c in order}
+        while pending and not errors:
+            try:
+                b, t = q.get(timeout=0.2)
+                if progress:
+                    progress.advance(b, t)
+            except queue_mod.Empty:
+                pass
+            for cid in [cid for cid, r in pending.items() if r.ready()]:
+                r = pending.pop(cid)
+                if r.successful():
+                    results[cid] = r.get()
+        if errors:
+            pool.terminate()
+            raise errors[0]
+        while progress:  # drain the last messages
+            try:
+                progress.advance(*q.get_nowait())
+            except queue_mod.Empty:
+                break
+    return results
+
+
+def run_group(chunks: list[dict], cfg: dict, workers: int) -> list[str]:
+    """One submitit/SLURM array task: its share of the chunks on its own cores."""
+    n = workers or len(os.sched_getaffinity(0))
+    return sorted(run_local(chunks, cfg, n))
+
+
+def run_submitit(chunks: list[dict], cfg: dict, *, cluster: str, workers: int, tasks: int,
+                 folder: Path, progress=None, slurm: dict | None = None) -> dict[str, dict]:
+    """Submit `tasks` array tasks of `workers` cores each; wait; return the chunk results."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params = {"timeout_min": int((slurm or {}).get("time_min", 24 * 60)), "cpus_per_task": workers,
+              "name": "preprocess", "tasks_per_node": 1, "nodes": 1}
+    if cluster == "slurm":
+        params.update({f"slurm_{k}": v for k, v in (slurm or {}).items() if k != "time_min" and v is not None})
+        params["slurm_array_parallelism"] = tasks
+    executor.update_parameters(**params)
+    ntasks = max(1, min(tasks, len(chunks)))
+    groups = [chunks[i::ntasks] for i in range(ntasks)]
+    jobs = executor.map_array(run_group, groups, [cfg] * ntasks, [workers] * ntasks)
+    out_dir, seen = Path(cfg["out_dir"]), {}
+    while not all(j.done() for j in jobs):
+        for c in chunks:
+            if c["id"] not in seen and (r := load_done(out_dir, c["id"])) is not None:
+                seen[c["id"]] = r
+                if progress:
+                    progress.advance(r["bytes"], sum(s["tokens"] for s in r["splits"].values()))
+        time.sleep(0.5 if cluster != "slurm" else 5)
+    for j in jobs:
+        j.result()  # raises submitit's FailedJobError with the task's traceback
+    results = {}
+    for c in chunks:
+        r = load_done(out_dir, c["id"])
+        if r is None:
+            raise RuntimeError(f"chunk {c['id']} has no result after its job ended; run again to resume")
+        results[c["id"]] = r
+        if c["id"] not in seen and progress:
+            progress.advance(r["bytes"], sum(s["tokens"] for s in r["splits"].values()))
+    return results

@@ -1,0 +1,171 @@
+"""The training loop: resume, step, log, validate, checkpoint, stop on a signal or on K bad steps.
+
+It reads top to bottom; the pieces live in engine.py (the step), data.py (the batches),
+checkpoint.py (save/resume), metrics.py (records) and evaluate.py (perplexity).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from pretrain.config import Config, ConfigError, to_dict
+from pretrain.parallel import DistEnv
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. K non-finite losses in a row); a checkpoint was written."""
+
+
+class StopRequest:
+    """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM (preemption, scancel): finish
+    the current step, checkpoint, exit 0 so the sbatch script can requeue."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def agreed(self) -> int:
+        """The signal any rank received (all ranks see the same answer: one tiny all-reduce)."""
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def _device() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
+
+
+def preflight(cfg: Config, world_size: int, run_dir: Path) -> None:
+    """Every config, data and checkpoint error at once, before any process group exists."""
+    from pretrain import checkpoint
+    from pretrain.data import data_errors, tokenizer_info
+
+    errors = []
+    try:
+        cfg.validate(world_size)
+    except ConfigError as e:
+        errors += e.errors
+    errors += data_errors(cfg)
+    if not errors:
+        try:
+            found = checkpoint.find_checkpoint(run_dir)
+        except checkpoint.CheckpointError as e:
+            found, errors = None, errors + [str(e)]
+        if found is not None:
+            problems = checkpoint.compatibility_errors(found[1], cfg, tokenizer_info(cfg), world_size)
+            errors += [f"cannot resume {found[0]}: {p}; use a new --run-dir for a different model, "
+                       "tokenizer or layout" for p in problems]
+    if errors:
+        raise ConfigError(errors)
+
+
+def validate_ppl(trainer, cfg: Config, tokens: torch.Tensor) -> dict[int, float]:
+    """Nonoverlapping perplexity at each multiple of L, windows spread over data-parallel ranks."""
+    from megatron.core import parallel_state as ps
+
+    from pretrain.evaluate import nonoverlapping_windows
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    out = {}
+    for mult in cfg.validation.length_multipliers:
+        length = mult * cfg.model.seq_length
+        n = (tokens.numel() - 1) // length // dp * dp  # the same window count on every rank
+        if n == 0:
+            continue
+        x, y = nonoverlapping_windows(tokens, length, n)  # [n, length]
+        x, y = x[dp_rank::dp], y[dp_rank::dp]
+        if trainer.pp > 1:
+            mean = trainer.pipeline_mean_nll([(x[i : i + 1], y[i : i + 1]) for i in range(x.shape[0])])
+        else:
+            total = torch.zeros(2, dtype=torch.float64, device=_device())
+            for i in range(0, x.shape[0], cfg.train.micro_batch_size):
+                nll = trainer.nll(x[i : i + cfg.train.micro_batch_size], y[i : i + cfg.train.micro_batch_size])
+                total[0] += nll.double().sum()
+                total[1] += nll.numel()
+            dist.all_reduce(total, group=ps.get_data_parallel_group())
+            mean = float(total[0] / total[1])
+        out[length] = math.exp(mean)
+    trainer.engine.train()
+    return out
+
+
+def train(cfg: Config, run_dir: Path, env: DistEnv) -> int:
+    from megatron.core import parallel_state as ps
+
+    from pretrain import checkpoint, data
+    from pretrain.engine import Trainer
+    from pretrain.metrics import MetricsLogger, peak_memory_gb, throughput
+    from pretrain.parallel import init_distributed
+    from pretrain.schedule import lr_at
+
+    preflight(cfg, env.world_size, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stop = StopRequest()
+    init_distributed(env, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed)
+    if env.rank == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    trainer = Trainer(cfg, env.world_size)
+    tokenizer = data.tokenizer_info(cfg)
+    meta = checkpoint.resume(trainer, run_dir, tokenizer) or {}
+    step, bad_in_row, skipped = meta.get("step", 0), meta.get("bad_in_row", 0), meta.get("skipped_total", 0)
+    reader = data.BatchReader(data.build_train_dataset(cfg), cfg, ps.get_data_parallel_rank(),
+                              ps.get_data_parallel_world_size())
+    val_tokens = data.validation_tokens(cfg, cfg.validation.tokens) if cfg.validation.interval else None
+    logger = MetricsLogger(cfg, run_dir, env.rank, step)
+
+    def save(at: int) -> None:
+        checkpoint.save_checkpoint(trainer, run_dir, at, {"bad_in_row": bad_in_row, "skipped_total": skipped},
+                                   tokenizer)
+
+    t_log, steps_since_log = time.time(), 0
+    while step < cfg.train.steps:
+        lr = lr_at(step, cfg.optim, cfg.train.steps)
+        result = trainer.train_step(reader.micro_batches(step), lr)
+        step += 1
+        steps_since_log += 1
+        bad_in_row = bad_in_row + 1 if result.skipped else 0
+        skipped += int(result.skipped)
+
+        if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
+            step_time = (time.time() - t_log) / steps_since_log
+            logger.log({"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                        **throughput(cfg, env.world_size, step_time), "peak_mem_gb": peak_memory_gb(),
+                        "step_time_s": step_time, "skipped_steps": skipped,
+                        "consumed_samples": step * cfg.train.global_batch_size})
+            t_log, steps_since_log = time.time(), 0
+        logger.progress(step, result.loss, lr)
+
+        if val_tokens is not None and step % cfg.validation.interval == 0:
+            logger.log_validation(step, validate_ppl(trainer, cfg, val_tokens))
+            t_log = time.time()  # validation time is not step time
+
+        if bad_in_row >= cfg.train.max_bad_steps:
+            save(step)
+            logger.close()
+            raise TrainingError(
+                f"{bad_in_row} non-finite losses in a row (train.max_bad_steps={cfg.train.max_bad_steps}) at "
+                f"step {step}; checkpoint written to {checkpoint.checkpoints_dir(run_dir)}. Lower optim.lr, "
+                "raise optim.warmup_steps or check the data, then resume from the checkpoint.")
+        signum = stop.agreed()
+        if signum or step % cfg.checkpoint.save_interval == 0 or step == cfg.train.steps:
+            save(step)
+        if signum:
+            print(f"rank {env.rank}: signal {signal.Signals(signum).name}: checkpoint at step {step} written, "
+                  "exiting 0 for requeue", flush=True)
+            break
+    logger.close()
+    return 0

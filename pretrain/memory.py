@@ -1,0 +1,101 @@
+"""Per-GPU memory estimate for a layout, computed from the config alone (the --dry-run table).
+
+Why analytic: a 128-GPU layout must be checked on a laptop, before a queue slot is spent.
+Bytes per parameter follow the ZeRO paper (Rajbhandari et al. 2020): with bf16 mixed
+precision, 2 (bf16 weights) + 2 (bf16 grads) + 12 (fp32 master, Adam m, v); ZeRO-1 shards
+the 12, ZeRO-2 also the grads, ZeRO-3 also the weights, over the data-parallel ranks. In fp32
+(CPU) weights and grads take 4 each and Adam 8 (the weights are the master copy).
+Activations follow Korthikanti et al. 2022 (per layer, no sequence parallelism):
+s*b*h*(10 + 24/t) bytes in 16-bit plus 5*a*s^2*b/t for materialized attention scores (absent
+with FlexAttention, which never stores [s, s]); full recompute keeps only 2*s*b*h per layer
+plus one layer's working set. A pipeline stage holds up to `pp` micro-batches in flight (1F1B).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.config import Config
+
+GIB = 1024**3
+
+
+def parameter_count(cfg: Config) -> int:
+    """Full-model parameters (tied embeddings counted once; LayerNorms have no bias)."""
+    m = cfg.model
+    per_layer = 4 * m.hidden_size**2 + 2 * m.hidden_size * m.ffn_hidden_size + 2 * m.hidden_size
+    return m.vocab_size * m.hidden_size + m.num_layers * per_layer + m.hidden_size
+
+
+@dataclass
+class MemoryEstimate:
+    world_size: int
+    dp: int
+    accumulation: int
+    params_per_gpu: int
+    """Parameters on the busiest rank (first/last pipeline stage hold the embedding)."""
+    params_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    activations_gb: float
+
+    @property
+    def total_gb(self) -> float:
+        return self.params_gb + self.grads_gb + self.optimizer_gb + self.activations_gb
+
+    def table(self, cfg: Config) -> str:
+        p, t = cfg.parallel, cfg.train
+        rows = [
+            ("layout", f"world {self.world_size} = tp {p.tensor_parallel} x pp {p.pipeline_parallel} x dp {self.dp}"),
+            ("batch", f"global {t.global_batch_size} = micro {t.micro_batch_size} x accum {self.accumulation} x dp {self.dp}"),
+            ("parameters (model)", f"{parameter_count(cfg) / 1e9:.3f} B"),
+            ("parameters (per GPU)", f"{self.params_per_gpu / 1e6:.1f} M"),
+            ("weights", f"{self.params_gb:8.2f} GiB"),
+            ("gradients", f"{self.grads_gb:8.2f} GiB"),
+            (f"optimizer (ZeRO-{p.zero_stage})", f"{self.optimizer_gb:8.2f} GiB"),
+            ("activations", f"{self.activations_gb:8.2f} GiB"),
+            ("total per GPU", f"{self.total_gb:8.2f} GiB of {cfg.hardware.gpu_memory_gb:g} GiB"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def estimate_memory(cfg: Config, world_size: int, *, bf16: bool = True, flex_attention: bool = True) -> MemoryEstimate:
+    """Estimate per-GPU memory of `cfg` on `world_size` GPUs (the layout must be valid)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    tp, pp = p.tensor_parallel, p.pipeline_parallel
+    dp = world_size // (tp * pp)
+    accumulation = max(1, t.global_batch_size // (t.micro_batch_size * dp))
+    h, s, b, a = m.hidden_size, m.seq_length, t.micro_batch_size, m.num_attention_heads
+    per_layer = (4 * h * h + 2 * h * m.ffn_hidden_size) // tp + 2 * h
+    embedding = m.vocab_size * h // tp
+    # The first stage holds the embedding; with pp > 1 the last holds a tied copy (and the final LN).
+    params = (m.num_layers // pp) * per_layer + embedding + (h if pp == 1 else 0)
+
+    w_bytes, g_bytes, o_bytes = (2, 2, 12) if bf16 else (4, 4, 8)
+    shard = {0: (1, 1, 1), 1: (1, 1, dp), 2: (1, dp, dp), 3: (dp, dp, dp)}[p.zero_stage]
+    weights = params * w_bytes / shard[0]
+    grads = params * g_bytes / shard[1]
+    optimizer = params * o_bytes / shard[2]
+
+    act_bytes = 2 if bf16 else 4
+    layer_act = s * b * h * (10 + 24 / tp) * act_bytes / 2
+    if not flex_attention:
+        layer_act += 5 * a * s * s * b / tp * act_bytes / 2
+    layers = m.num_layers // pp
+    if t.activation_checkpointing:
+        acts = layers * 2 * s * b * h * act_bytes / 2 + layer_act
+    else:
+        acts = layers * layer_act
+    acts *= min(pp, accumulation)
+    logits = s * b * m.vocab_size / tp * 4 * 2  # fp32 logits + their gradient on the last stage
+    return MemoryEstimate(
+        world_size=world_size,
+        dp=dp,
+        accumulation=accumulation,
+        params_per_gpu=params,
+        params_gb=weights / GIB,
+        grads_gb=grads / GIB,
+        optimizer_gb=optimizer / GIB,
+        activations_gb=(acts + logits) / GIB,
+    )

@@ -1,0 +1,148 @@
+"""Training metrics: model FLOPs and MFU, RUN_DIR/metrics.jsonl, wandb (offline by default), and a
+console progress bar. Only global rank 0 writes; every record is also one JSON line so
+tools/compare_runs.py can read a run without wandb.
+
+MFU (docs/mfu.md): model FLOPs per token, the convention of PaLM (Chowdhery et al. 2022, App. B)
+and MPT's llm-foundry, so numbers compare with the MPT-1b anchor:
+    6 * N + 12 * n_layers * d_model * L
+N = weight-matrix parameters (layers + embedding/logit matrix), L = training length; the second
+term is attention's QK^T and AV (4 * L * d fwd per token per layer, x3 for fwd+bwd), counted as
+full (non-causal) matrices. Recomputation (activation checkpointing) is not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.config import Config, to_dict
+
+
+def flops_per_token(cfg: Config, seq_length: int | None = None) -> float:
+    """Training (fwd + bwd) model FLOPs per token."""
+    m = cfg.model
+    s = seq_length or m.seq_length
+    matrices = m.num_layers * (4 * m.hidden_size**2 + 2 * m.hidden_size * m.ffn_hidden_size)
+    matrices += m.vocab_size * m.hidden_size  # logit projection (the tied embedding lookup is free)
+    return 6.0 * matrices + 12.0 * m.num_layers * m.hidden_size * s
+
+
+def throughput(cfg: Config, world_size: int, step_time_s: float) -> dict[str, float]:
+    """tokens/s (whole job), TFLOP/s per GPU and MFU for one optimizer step of `step_time_s`."""
+    tokens = cfg.train.global_batch_size * cfg.model.seq_length
+    tokens_per_s = tokens / step_time_s
+    tflops = flops_per_token(cfg) * tokens_per_s / world_size / 1e12
+    return {
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_gpu": tokens_per_s / world_size,
+        "tflops_per_gpu": tflops,
+        "mfu": tflops / cfg.hardware.peak_tflops,
+    }
+
+
+def peak_memory_gb() -> float:
+    """Peak accelerator memory (GPU), else the process's peak resident set (CPU)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1024**3
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
+class MetricsLogger:
+    """Writes metrics.jsonl, wandb and a tqdm bar on rank 0; a no-op elsewhere."""
+
+    def __init__(self, cfg: Config, run_dir: Path, rank: int, start_step: int):
+        self.enabled = rank == 0
+        self.run = None
+        self.val_history: list[tuple[int, dict[int, float]]] = []
+        self.bar = None
+        if not self.enabled:
+            return
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = open(self.path, "a")
+        w = cfg.wandb
+        mode = os.environ.get("WANDB_MODE", w.mode)
+        if w.enabled and mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(
+                project=w.project,
+                name=w.name or Path(run_dir).name,
+                group=w.group or None,
+                tags=list(w.tags) or None,
+                dir=str(run_dir),
+                mode=mode,
+                config=to_dict(cfg),
+                id=_wandb_id(run_dir),
+                resume="allow",
+            )
+            # One chart for the extrapolation curve: every val/ppl_at_* shares the x axis.
+            self.run.define_metric("step")
+            self.run.define_metric("*", step_metric="step")
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", dynamic_ncols=True,
+                        mininterval=1.0)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"time": time.time(), **record}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.run is not None:
+            self.run.log(record)
+
+    def log_validation(self, step: int, ppl: dict[int, float]) -> None:
+        """ppl: {length: perplexity}. To metrics.jsonl as `val/ppl_at_<length>`, and to wandb as one
+        chart: a line per evaluation length (L, 2L, 4L) over training steps, redrawn each time, so
+        the extrapolation gap is visible while the run trains."""
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": "validation", **{f"val/ppl_at_{n}": p for n, p in ppl.items()}}
+        self.file.write(json.dumps({"time": time.time(), **record}) + "\n")
+        self.file.flush()
+        self.val_history.append((step, dict(ppl)))
+        if self.run is not None:
+            import wandb
+
+            lengths = sorted(ppl)
+            record["val/extrapolation"] = wandb.plot.line_series(
+                xs=[s for s, _ in self.val_history],
+                ys=[[h.get(n, float("nan")) for _, h in self.val_history] for n in lengths],
+                keys=[f"ppl@{n}" for n in lengths],
+                title="validation perplexity at L, 2L, 4L",
+                xname="step",
+            )
+            self.run.log(record)
+
+    def progress(self, step: int, loss: float, lr: float) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable run id per run directory, so a resumed (requeued) job continues the same run."""
+    path = Path(run_dir) / "wandb_id.txt"
+    if not path.exists():
+        import uuid
+
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip()

@@ -1,0 +1,70 @@
+"""megatron-core GPT with ALiBi, sinusoidal, rotary or no positions (MPT-style block).
+
+Build (parallel_state must be initialized first)::
+
+    from pretrain.model import build_model, init_model_parallel
+    init_model_parallel(tp=1)              # single process, gloo on CPU / nccl on GPU
+    model = build_model(cfg.model)         # megatron.core.models.gpt.GPTModel, this rank's shard
+
+Standard call (input_ids, position_ids, labels: int64 [b, s]; position_ids = arange(s) per row;
+attention_mask is ALWAYS None -- causal mask and ALiBi bias are built inside attention, for
+any length, with no maximum)::
+
+    loss = model(input_ids, position_ids, None, labels=labels)   # fp32 per-token CE [b, s]
+    logits = model(input_ids, position_ids, None, runtime_gather_output=True)   # [b, s, vocab]
+
+Without runtime_gather_output the logits are this TP rank's vocab shard [b, s, vocab / tp].
+position_ids feed the sinusoidal table and megatron's rope; ALiBi uses the in-sequence distance
+i - j (as the paper), so reset_position_ids changes nothing for ALiBi. Backend: ModelConfig.
+attention_backend (auto = FlexAttention on CUDA, SDPA elsewhere; logged once at build).
+Weights are drawn on the CPU from the torch seed and sliced per TP rank (same model for any TP);
+pretrain.model.compat lists every CUDA assumption of megatron-core handled for CPU runs.
+
+State dict (TP=1, PP=1; L = layer index 0..num_layers-1; d = hidden, n = heads, dh = d / n,
+f = ffn_hidden_size, V = vocab_size). No biases anywhere; LayerNorms have only a weight::
+
+    embedding.word_embeddings.weight                  [V, d]  tied: also the output projection
+    decoder.layers.L.input_layernorm.weight           [d]
+    decoder.layers.L.self_attention.linear_qkv.weight [3d, d] rows per head: [q_h | k_h | v_h],
+                                                      i.e. view(n, 3, dh, d)
+    decoder.layers.L.self_attention.linear_proj.weight [d, d]
+    decoder.layers.L.pre_mlp_layernorm.weight         [d]
+    decoder.layers.L.mlp.linear_fc1.weight            [f, d]
+    decoder.layers.L.mlp.linear_fc2.weight            [d, f]
+    decoder.final_layernorm.weight                    [d]
+    *._extra_state                                    value None, one per linear (linear_qkv,
+                                                      linear_proj, linear_fc1, linear_fc2,
+                                                      output_layer): megatron bookkeeping; skip
+
+Layer math (x: [s, b, d]):  x = x + proj(attn(LN1(x)));  x = x + fc2(gelu_erf(fc1(LN2(x))));
+logits = LN_f(x) @ E^T. Attention scores: q.k / sqrt(dh) (+ ALiBi -m_h (i - j)), causal.
+Embedding input: E[tok] (alibi/rope/none) or embedding_scale * E[tok] + PE[pos] (sinusoidal,
+`sinusoidal.sinusoidal_table`).
+
+HF mapping:
+- ALiBi -> MptForCausalLM: wte = E; blocks.L.norm_1/norm_2 = input/pre_mlp LN;
+  attn.Wqkv = linear_qkv reordered to [all q | all k | all v]:
+  W.view(n, 3, dh, d).transpose(0, 1).reshape(3d, d); attn.out_proj = linear_proj;
+  ffn.up_proj = fc1, ffn.down_proj = fc2; norm_f = final LN; alibi_bias_max 8.
+- sinusoidal -> GPT2LMHeadModel: wte = embedding_scale * E, lm_head = E (untied unless the
+  scale is 1), wpe = sinusoidal_table(arange(n_positions), d); c_attn = qkv reordered as above
+  and transposed (Conv1D); all biases zero; activation_function "gelu".
+"""
+
+from .alibi import alibi_bias, alibi_slopes, rank_slopes
+from .builder import build_model, parameter_count, transformer_config
+from .compat import apply_cpu_compat, init_model_parallel, seed_rng
+from .sinusoidal import sinusoidal_table
+
+__all__ = [
+    "alibi_bias",
+    "alibi_slopes",
+    "apply_cpu_compat",
+    "build_model",
+    "init_model_parallel",
+    "parameter_count",
+    "rank_slopes",
+    "seed_rng",
+    "sinusoidal_table",
+    "transformer_config",
+]

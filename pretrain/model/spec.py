@@ -1,0 +1,126 @@
+"""The layer spec, built in ONE place from `ModelConfig.position` and the attention backend.
+
+Everything that differs between position methods is settled here, at build time:
+
+| position   | GPTModel position_embedding_type | score bias in CoreAttention | embedding            |
+|------------|----------------------------------|-----------------------------|----------------------|
+| alibi      | none                             | ALiBi slopes (global heads) | tokens               |
+| sinusoidal | none                             | none                        | scale * tokens + PE  |
+| rope       | rope (megatron-core)             | none                        | tokens               |
+| none       | none                             | none                        | tokens (NoPE)        |
+
+The block is MPT-style (what `MptForCausalLM` / `GPT2LMHeadModel` compute): pre-LN,
+LayerNorm without bias, no linear biases, exact erf GELU, final LN (the linear-bias and GELU
+choices live in the TransformerConfig, see builder.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from pretrain.config import ModelConfig
+
+from .attention import KERNELS, CoreAttention
+from .sinusoidal import SinusoidalEmbedding
+
+log = logging.getLogger(__name__)
+
+
+class LayerNormNoBias(torch.nn.LayerNorm):
+    """torch LayerNorm without bias, with megatron's norm constructor signature."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps, bias=False, dtype=config.params_dtype)
+
+
+@dataclass(frozen=True)
+class PositionSpec:
+    mcore_type: str
+    """`position_embedding_type` handed to megatron-core's GPTModel."""
+    alibi: bool
+    """Add the ALiBi score bias inside CoreAttention."""
+    wrap_embedding: Callable | None = None
+    """(LanguageModelEmbedding, ModelConfig) -> module replacing `model.embedding`, or None."""
+
+
+POSITIONS: dict[str, PositionSpec] = {
+    "alibi": PositionSpec("none", alibi=True),
+    "sinusoidal": PositionSpec(
+        "none", alibi=False, wrap_embedding=lambda emb, cfg: SinusoidalEmbedding(emb, cfg.embedding_scale)
+    ),
+    "rope": PositionSpec("rope", alibi=False),
+    "none": PositionSpec("none", alibi=False),
+}
+
+
+def resolve_backend(requested: str) -> str:
+    """auto -> flex on CUDA, sdpa elsewhere (FlexAttention's backward needs CUDA)."""
+    if requested not in ("auto", *KERNELS):
+        raise ValueError(f"attention_backend={requested!r} must be one of auto, {', '.join(KERNELS)}")
+    backend = requested if requested != "auto" else ("flex" if torch.cuda.is_available() else "sdpa")
+    _log_once(requested, backend)
+    return backend
+
+
+@functools.cache
+def _log_once(requested: str, backend: str) -> None:
+    log.info("attention backend: %s (requested %s, CUDA available: %s)", backend, requested, torch.cuda.is_available())
+    if backend == "flex" and not torch.cuda.is_available():
+        log.warning("attention_backend=flex without CUDA: forward only (torch has no CPU FlexAttention "
+                    "backward), and each new length compiles for 20-45 s; use sdpa to train on CPU")
+
+
+def layer_spec(cfg: ModelConfig, backend: str) -> ModuleSpec:
+    """One MPT-style transformer layer."""
+    position = POSITIONS[cfg.position]
+    core_attention = functools.partial(CoreAttention, kernel=KERNELS[backend], alibi=position.alibi)
+    mask = AttnMaskType.no_mask if cfg.bidirectional else AttnMaskType.causal
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=LayerNormNoBias,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=core_attention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=LayerNormNoBias,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def block_spec(cfg: ModelConfig, config, backend: str) -> ModuleSpec:
+    """This pipeline stage's layers plus the bias-free final LayerNorm."""
+    layers = [layer_spec(cfg, backend)] * get_num_layers_to_build(config)
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(layer_specs=layers, layer_norm=LayerNormNoBias),
+    )

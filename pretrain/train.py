@@ -1,0 +1,93 @@
+"""Train a GPT (ALiBi / sinusoidal / rope / none) with DeepSpeed ZeRO, tensor and pipeline parallelism.
+
+    python pretrain/train.py --config FILE [--run-dir DIR] [--data DIR] [--steps N] [--tp N] [--pp N]
+        [--zero-stage N] [--seq-length L] [--micro-batch N] [--save-interval N] [--log-interval N]
+        [--dry-run [--world-size N]] [key.path=value ...]
+
+Launched by torchrun or srun (one task per GPU; rank and rendezvous from the environment) or
+as one plain process. A run directory holding a checkpoint resumes from it. SIGUSR1/SIGTERM:
+checkpoint at the next step boundary, exit 0. --dry-run validates the layout for any world
+size and prints the per-GPU memory estimate, touching no GPU and no process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `pretrain` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pretrain.config import Config, ConfigError, DataSource, load_config  # noqa: E402
+
+FLAGS = {  # flag -> config path
+    "steps": "train.steps", "tp": "parallel.tensor_parallel", "pp": "parallel.pipeline_parallel",
+    "zero_stage": "parallel.zero_stage", "seq_length": "model.seq_length",
+    "micro_batch": "train.micro_batch_size", "save_interval": "checkpoint.save_interval",
+    "log_interval": "train.log_interval",
+}
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    overrides += [f"{path}={getattr(args, flag)}" for flag, path in FLAGS.items() if getattr(args, flag) is not None]
+    cfg = load_config(args.config, overrides)
+    if args.data:
+        cfg.data.sources = [DataSource(path=str(Path(args.data).resolve()))]
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    ap.add_argument("--run-dir", default=None, help="checkpoints, metrics.jsonl, wandb (default outputs/<config>)")
+    ap.add_argument("--data", default=None, help="a data_prep/preprocess.py output directory")
+    for flag in FLAGS:
+        ap.add_argument("--" + flag.replace("_", "-"), type=int, default=None, help=f"sets {FLAGS[flag]}")
+    ap.add_argument("--dry-run", action="store_true", help="validate the layout, print memory per GPU, exit")
+    ap.add_argument("--world-size", type=int, default=None, help="--dry-run: GPUs to plan for (default: launcher's)")
+    ap.add_argument("overrides", nargs="*", help="key.path=value (YAML value)")
+    args = ap.parse_args(argv)
+
+    from pretrain.parallel import read_env
+
+    try:
+        cfg = build_config(args)
+        if args.dry_run:
+            from pretrain.memory import estimate_memory
+
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+            cfg.validate(world)
+            estimate = estimate_memory(cfg, world)
+            print(f"config {args.config}: valid for {world} GPUs\n")
+            print(estimate.table(cfg))
+            if estimate.total_gb > cfg.hardware.gpu_memory_gb:
+                raise ConfigError([f"estimated {estimate.total_gb:.1f} GiB per GPU exceeds hardware.gpu_memory_gb="
+                                   f"{cfg.hardware.gpu_memory_gb:g}: lower train.micro_batch_size, set "
+                                   "train.activation_checkpointing=true, raise zero_stage or tensor_parallel"])
+            return 0
+        env = read_env()
+        from pretrain.checkpoint import CheckpointError
+        from pretrain.loop import TrainingError, train
+
+        run_dir = Path(args.run_dir or Path("outputs") / Path(args.config).stem)
+        try:
+            return train(cfg, run_dir, env)
+        except TrainingError as e:
+            print(f"train.py: {e}", file=sys.stderr)
+            return 1
+        except CheckpointError as e:
+            print(f"train.py: {e}", file=sys.stderr)
+            return 2
+    except ConfigError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # torch 2.13 gloo can abort in its exit handlers after a finished run

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Pretrain the paper's 1.3B ALiBi model on SLURM, preemption-safe: a run chains through time limits
+# with no person involved. Hyperparameters live in the config, never here.
+#
+#   sbatch slurm/pretrain_1p3b.sh                                  # 16 nodes x 8 GPUs, the 1.3B config
+#   sbatch --nodes=2 --export=ALL,CONFIG=configs/x.yaml,RUN_DIR=runs/x,DATA=data/tokens slurm/pretrain_1p3b.sh
+#   sbatch --nodes=1 --ntasks-per-node=2 --gpus-per-node=0 --export=ALL,CONFIG=configs/tiny_alibi.yaml,... \
+#     slurm/pretrain_1p3b.sh                                       # CPU test cluster (gloo)
+#
+# Environment: CONFIG, RUN_DIR (default runs/<config name>), DATA (a data_prep/preprocess.py output
+# dir; default: the config's), EXTRA_ARGS (more train.py arguments, word-split), MAX_REQUEUES (30),
+# PYTHON (python), REPO (the checkout holding this script).
+#
+# Preemption: `--signal=B:USR1@300` sends USR1 to this shell 5 min before the time limit. The trap
+# forwards it to the training step; train.py saves a checkpoint at the next step boundary and exits 0;
+# this shell then runs `scontrol requeue`, and the requeued job (same id, same log, appended)
+# resumes from RUN_DIR's latest checkpoint. A preemption by SLURM itself (SIGTERM, then requeue
+# through --requeue) takes the same checkpoint path. See docs/slurm.md.
+#
+#SBATCH --job-name=alibi-1p3b
+#SBATCH --nodes=16
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -uo pipefail
+
+log() { echo "[pretrain_1p3b.sh $(date -u +%FT%TZ) job $SLURM_JOB_ID] $*"; }
+
+CONFIG=${CONFIG:-configs/gpt_1p3b_alibi_L1024.yaml}
+RUN_DIR=${RUN_DIR:-runs/$(basename "$CONFIG" .yaml)}
+EXTRA_ARGS=${EXTRA_ARGS:-}
+MAX_REQUEUES=${MAX_REQUEUES:-30}
+PYTHON=${PYTHON:-python}
+# sbatch runs a copy of this script from its spool: find the checkout through the submitted path
+script=$(scontrol show job "$SLURM_JOB_ID" -o | grep -oP '(?<= Command=)\S+' || true)
+REPO=${REPO:-$(cd "$(dirname "${script:-$SLURM_SUBMIT_DIR/slurm/x}")/.." && pwd)}
+
+# Rendezvous from the allocation: rank 0 runs on the first node; the port is derived from the job id
+# (and the restart count, so that a requeued job never meets its predecessor's socket).
+first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+addr=$(scontrol show node "$first" -o | grep -oP '(?<=NodeAddr=)\S+' || true)
+export MASTER_ADDR=${MASTER_ADDR:-${addr:-$first}}
+export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000 * 4 + ${SLURM_RESTART_COUNT:-0} % 4))}
+# train.py reads rank, world size and local rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID,
+# unless torchrun's RANK / WORLD_SIZE are set: never let the submitting shell's leak in.
+unset RANK WORLD_SIZE LOCAL_RANK
+
+# NCCL (GPU runs). Defaults that only make failures loud; fabric settings are per cluster, e.g.
+# NCCL_SOCKET_IFNAME=ib0 or NCCL_IB_HCA=mlx5 (see docs/slurm.md). Anything set by the user wins.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# srun no longer inherits sbatch's --cpus-per-task (SLURM >= 22.05)
+[[ -n ${SLURM_CPUS_PER_TASK:-} ]] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+# no GPU in the allocation: DeepSpeed's CPU accelerator, and train.py picks gloo
+((${SLURM_GPUS_ON_NODE:-0} > 0)) || export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+
+args=(--config "$CONFIG" --run-dir "$RUN_DIR")
+[[ -n ${DATA:-} ]] && args+=(--data "$DATA")
+# shellcheck disable=SC2206  # EXTRA_ARGS is word-split on purpose
+args+=($EXTRA_ARGS)
+log "start (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES nodes x $SLURM_NTASKS tasks," \
+  "master $MASTER_ADDR:$MASTER_PORT, $PYTHON $REPO/pretrain/train.py ${args[*]}"
+mkdir -p "$RUN_DIR"
+
+signalled="" step=""
+forward() {  # forward a signal to the training step; srun relays it to every task
+  signalled=$1
+  log "got SIG$1: asking the trainer to checkpoint and exit"
+  [[ -n $step ]] && kill -s "$1" "$step" 2>/dev/null || true
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+# One task per GPU (per process on CPU); the step runs in the background so the traps fire at once.
+srun --kill-on-bad-exit=1 "$PYTHON" "$REPO/pretrain/train.py" "${args[@]}" &
+step=$!
+while :; do
+  wait "$step"
+  status=$?
+  kill -0 "$step" 2>/dev/null || break  # wait was interrupted by a trap: the step still runs
+done
+log "training step exited with status $status"
+
+if [[ $signalled == USR1 ]]; then
+  restarts=${SLURM_RESTART_COUNT:-0}
+  if ((status != 0)); then
+    log "not requeueing: the step failed after the signal (status $status); see the trainer's log above"
+  elif ((restarts >= MAX_REQUEUES)); then
+    log "not requeueing: already restarted $restarts times (MAX_REQUEUES=$MAX_REQUEUES); resubmit by hand to go on"
+    status=1
+  else
+    log "checkpoint saved: requeueing (restart $((restarts + 1)) of at most $MAX_REQUEUES)"
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
+fi
+exit "$status"

@@ -1,0 +1,83 @@
+"""compare_runs.py benchmark mode on CPU (tiny configs, ALiBi at L and sinusoidal at 2L with equal
+tokens per step), and the HF export of a checkpoint trained with tensor parallelism (TP=2, two
+gloo processes): HF logits equal our model's, and HF perplexity equals what the TP=2 model
+itself logged for validation."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.checkpoint import load_consolidated
+from pretrain.data import validation_tokens
+from pretrain.model import build_model, init_model_parallel
+from tools.compare_runs import main as compare_main
+from tools.hf_export import megatron_to_hf
+from tools.perplexity import perplexity
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def test_benchmark_mode_table_json_and_chart(quick_job, tmp_path):
+    out, _ = quick_job
+    compare_main(["bench", "--config", "configs/tiny_alibi.yaml", "configs/tiny_sinusoidal.yaml",
+                  "--seq-lengths", "64,128", "--tokens-per-batch", "512", "--steps", "3", "--warmup", "1",
+                  "--data", str(out / "data"), "--output", str(tmp_path)])
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert report["attention_kernel"] == "sdpa"  # CPU: the same family for both runs, stated
+    alibi, sinus = report["rows"]
+    assert (alibi["position"], alibi["seq_length"], alibi["micro_batch"]) == ("alibi", 64, 8)
+    assert (sinus["position"], sinus["seq_length"], sinus["micro_batch"]) == ("sinusoidal", 128, 4)
+    assert alibi["steps_timed"] == sinus["steps_timed"] == 2
+    for row in report["rows"]:
+        assert row["tokens_per_s"] > 0 and row["peak_mem_gb"] > 0 and 0 < row["mfu"] < 1
+    ratio = report["ratios"]["tiny_alibi@64 / tiny_sinusoidal@128"]
+    assert ratio["tokens_per_s"] == pytest.approx(alibi["tokens_per_s"] / sinus["tokens_per_s"])
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "attention kernel for all runs: sdpa" in md and "| tiny_alibi@64 / tiny_sinusoidal@128 |" in md
+    assert (tmp_path / "benchmark.png").stat().st_size > 10_000
+
+
+def test_tp2_trained_checkpoint_exports_exactly(quick_job, tmp_path):
+    out, _ = quick_job
+    run = tmp_path / "tp2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+           str(ROOT / "pretrain" / "train.py"), "--config", str(ROOT / "configs" / "tiny_alibi.yaml"),
+           "--tp", "2", "--run-dir", str(run), "--data", str(out / "data"), "--steps", "3", "--log-interval", "1",
+           "train.global_batch_size=4", "train.micro_batch_size=4", "optim.lr=3e-3", "optim.warmup_steps=1",
+           "validation.interval=3", "validation.length_multipliers=[1,4]", "validation.tokens=2048",
+           "wandb.enabled=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, timeout=600)
+
+    cfg, sd = load_consolidated(run)
+    assert cfg.parallel.tensor_parallel == 2
+    hf = megatron_to_hf(cfg, sd, max_positions=4 * 64).eval()
+    init_model_parallel(tp=1)
+    ours = build_model(cfg.model).eval()
+    ours.load_state_dict(sd, strict=False)
+    torch.manual_seed(0)
+    for n in (64, 256):
+        x = torch.randint(0, cfg.model.vocab_size, (2, n))
+        with torch.no_grad():
+            torch.testing.assert_close(hf(x).logits, ours(x, torch.arange(n).expand_as(x), None,
+                                                          runtime_gather_output=True), rtol=0, atol=1e-4)
+    prompt = torch.randint(0, cfg.model.vocab_size, (1, 8))
+    x = prompt
+    for _ in range(32):
+        with torch.no_grad():
+            logits = ours(x, torch.arange(x.shape[1]).expand_as(x), None, runtime_gather_output=True)
+        x = torch.cat([x, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert hf.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False).tolist() == x.tolist()
+
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    (val,) = [r for r in logged if r.get("kind") == "validation"]
+    tokens = validation_tokens(cfg, cfg.validation.tokens)
+    for n in (64, 256):
+        res = perplexity(lambda t: hf(t).logits, tokens, n, batch_size=4)
+        assert res.ppl == pytest.approx(val[f"val/ppl_at_{n}"], rel=1e-5)

@@ -1,0 +1,51 @@
+"""Shared fixtures for the training tests: one tiny tokenized dataset per session, built with
+the real data_prep pipeline (corpus -> SentencePiece 4096 -> megatron .bin/.idx shards)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny_alibi.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    from data_prep.corpus import build_default_corpus
+    from data_prep.preprocess import preprocess
+    from data_prep.train_tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    files = build_default_corpus(root / "corpus", max_mb=1.5)
+    tok = train_tokenizer([files[0]], vocab_size=4096, output_prefix=root / "tok", num_threads=2)
+    preprocess([str(files[0])], str(tok), str(root / "pre"), workers=1, quiet=True, valid_fraction=0.1)
+    return root / "pre"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], world_size: int, env_extra: dict | None = None, **popen) -> list[subprocess.Popen]:
+    """Start `world_size` ranks of `python argv...` the way torchrun would (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT), without torchrun's own start-up cost."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", WANDB_MODE="offline",
+                   OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env_extra or {}))
+        procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=REPO, **popen))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    return [p.wait(timeout=timeout) for p in procs]

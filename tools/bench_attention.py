@@ -1,0 +1,134 @@
+"""Attention kernel benchmark: forward+backward TFLOP/s and peak memory per variant.
+
+Variants (causal, b = tokens // L sequences, h heads of d):
+  alibi-flex         FlexAttention, ALiBi score_mod + causal block_mask (the model's GPU path)
+  sinusoidal-flex    FlexAttention, causal block_mask only (sinusoidal/rope/none attention)
+  sdpa-bias          SDPA with a materialized [h, L, L] float bias in the input dtype (the usual
+                     way to add ALiBi; falls off the flash kernel)
+  sdpa-ref-fp32bias  the model's reference path (pretrain.model.attention.sdpa_kernel: fp32 bias,
+                     q/k/v upcast to fp32)
+  sdpa-flash-nobias  SDPA is_causal, flash kernel, no bias (the ceiling)
+FLOPs counted for every variant as the causal half of 4*b*h*L^2*d forward, x3.5 forward+backward.
+Outputs are checked (max abs diff in the table) against sdpa-ref-fp32bias for the ALiBi
+variants and sdpa-flash-nobias for the others.
+
+GPU:  python tools/bench_attention.py --out docs/bench_attention.json
+CPU smoke (tiny sizes, flex forward-only in eager mode: CPU flex has no backward):
+      python tools/bench_attention.py --smoke --out /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.model.alibi import alibi_bias
+from pretrain.model.attention import _global_slopes, flex_kernel, sdpa_kernel
+
+
+def variants(h: int, L: int, dev: str, dtype: torch.dtype, smoke: bool):
+    slopes = _global_slopes(h, dev)
+    flex = dict(compiled=not smoke)
+    bias = alibi_bias(slopes, L, L, device=dev).to(dtype)  # [h, L, L], -inf above the diagonal
+
+    def flash(q, k, v):
+        if dev == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel as backend
+
+            with backend(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return {
+        "alibi-flex": (lambda q, k, v: flex_kernel(q, k, v, slopes=slopes, head_offset=0, causal=True, scale=None, **flex), True),
+        "sinusoidal-flex": (lambda q, k, v: flex_kernel(q, k, v, slopes=None, head_offset=0, causal=True, scale=None, **flex), False),
+        "sdpa-bias": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), True),
+        "sdpa-ref-fp32bias": (lambda q, k, v: sdpa_kernel(q, k, v, slopes=slopes, head_offset=0, causal=True, scale=None), True),
+        "sdpa-flash-nobias": (flash, False),
+    }
+
+
+def measure(fn, q, k, v, backward: bool, iters: int, dev: str) -> tuple[float, float | None, torch.Tensor]:
+    """Median seconds per call and peak memory (GiB above the inputs; None on CPU)."""
+    grad = torch.randn_like(q)
+    if not backward:  # CPU flex refuses inputs that require grad
+        q, k, v = (t.detach() for t in (q, k, v))
+
+    def step():
+        out = fn(q, k, v)
+        if backward:
+            torch.autograd.grad(out, (q, k, v), grad)
+        return out
+
+    out = step()  # warm-up (compiles flex)
+    step()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if dev == "cuda" else None
+    return sorted(times)[len(times) // 2], peak, out.detach()
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per batch (b = tokens // L)")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU-sized run (L 64/128, 4 heads of 16, fp32)")
+    ap.add_argument("--out", default="bench_attention.json")
+    args = ap.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        args.lengths, args.heads, args.head_dim, args.tokens, args.iters = [64, 128], 4, 16, 512, 2
+    elif dev == "cpu":
+        ap.error("no CUDA device: the full benchmark needs a GPU; use --smoke for a CPU run")
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    rows = []
+    for L in args.lengths:
+        b = max(1, args.tokens // L)
+        q, k, v = (torch.randn(b, args.heads, L, args.head_dim, device=dev, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        fwd_flops = 4 * b * args.heads * L * L * args.head_dim / 2
+        refs = {}
+        for name, (fn, alibi) in variants(args.heads, L, dev, dtype, args.smoke).items():
+            backward = dev == "cuda" or "flex" not in name
+            sec, peak, out = measure(fn, q, k, v, backward, args.iters, dev)
+            if name in ("sdpa-ref-fp32bias", "sdpa-flash-nobias"):
+                refs[alibi] = out
+            rows.append(dict(variant=name, L=L, batch=b, heads=args.heads, head_dim=args.head_dim,
+                             dtype=str(dtype).removeprefix("torch."), mode="fwd+bwd" if backward else "fwd",
+                             ms=sec * 1e3, tflops=fwd_flops * (3.5 if backward else 1.0) / sec / 1e12,
+                             peak_gib=peak, alibi=alibi, _out=out))
+        for r in rows[-5:]:
+            out = r.pop("_out")
+            r["max_abs_diff_vs_ref"] = (out.float() - refs[r["alibi"]].float()).abs().max().item()
+    device = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    result = {"device": device, "torch": torch.__version__, "smoke": args.smoke, "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"device: {device}, torch {torch.__version__}")
+    print(f"{'variant':<20}{'L':>6}{'b':>4} {'mode':<8}{'ms':>9}{'TFLOP/s':>9}{'peak GiB':>10}{'diff':>10}")
+    for r in rows:
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
+        diff = f"{r['max_abs_diff_vs_ref']:.1e}"
+        print(f"{r['variant']:<20}{r['L']:>6}{r['batch']:>4} {r['mode']:<8}{r['ms']:>9.3f}{r['tflops']:>9.3g}{peak:>10}{diff:>10}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

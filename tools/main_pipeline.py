@@ -1,0 +1,152 @@
+"""The stages of the main job (tools/main_job.py), each skipped when its output already exists so
+that an interrupted run continues where it stopped (training itself resumes from checkpoints).
+
+corpus -> tokenizer -> preprocess -> train tiny ALiBi and sinusoidal at L -> export ALiBi to HF
+-> evaluate all three at L .. 16L (nonoverlapping) -> Figure 1 + comparison table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What --quick changes; everything else is the same code path."""
+
+    corpus_mb: float
+    steps: int
+    length_multipliers: tuple[int, ...]
+    eval_tokens: int
+    """Validation tokens scored per length (the first of the valid split)."""
+    seq_length: int = 64
+    global_batch: int = 16
+    lr: float = 3e-3
+    warmup: int = 30
+    vocab: int = 4096
+
+
+FULL = Settings(corpus_mb=4.0, steps=400, length_multipliers=(1, 2, 4, 8, 16), eval_tokens=32768)
+QUICK = Settings(corpus_mb=1.0, steps=16, length_multipliers=(1, 2, 8), eval_tokens=2048, global_batch=8, warmup=4)
+MODELS = {"alibi": "configs/tiny_alibi.yaml", "sinusoidal": "configs/tiny_sinusoidal.yaml"}
+
+
+def stage(name: str):
+    print(f"\n=== {name}", flush=True)
+    return time.time()
+
+
+def build_data(out: Path, s: Settings) -> tuple[Path, Path]:
+    """Embedded corpus -> SentencePiece tokenizer -> preprocessed shards. Returns (tokenizer, data dir)."""
+    from data_prep.corpus import build_default_corpus
+    from data_prep.pipeline import preprocess
+    from data_prep.train_tokenizer import train_tokenizer
+
+    t = stage("corpus, tokenizer, preprocess")
+    corpus = out / "corpus"
+    if not corpus.is_dir():
+        build_default_corpus(corpus, max_mb=s.corpus_mb)
+    tok = out / "tokenizer" / "tok.model"
+    if not tok.is_file():
+        train_tokenizer([corpus], s.vocab, tok.with_suffix(""), sample_mb=2 * s.corpus_mb)
+    data = out / "data"
+    if not (data / "manifest.json").is_file():
+        m = preprocess([corpus], tok, data, valid_fraction=0.05, quiet=True)
+        print(f"tokens: train {m['splits']['train']['tokens']}, valid {m['splits']['valid']['tokens']}")
+    print(f"done in {time.time() - t:.0f} s: {data}")
+    return tok, data
+
+
+def train(out: Path, data: Path, s: Settings) -> dict[str, Path]:
+    """Train both tiny models with pretrain/train.py, as a user would, side by side (one CPU
+    thread each: the 2-core laptop case), polling their metrics.jsonl for progress."""
+    t = stage(f"train tiny {' and '.join(MODELS)} at L={s.seq_length} for {s.steps} steps (in parallel)")
+    procs, runs = {}, {}
+    for name, config in MODELS.items():
+        run_dir = runs[name] = out / "runs" / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(ROOT / "pretrain" / "train.py"), "--config", str(ROOT / config),
+               "--run-dir", str(run_dir), "--data", str(data), "--steps", str(s.steps),
+               "--seq-length", str(s.seq_length), "--log-interval", str(max(1, s.steps // 20)),
+               f"train.global_batch_size={s.global_batch}", f"train.micro_batch_size={s.global_batch}",
+               f"optim.lr={s.lr}", f"optim.min_lr={s.lr / 10}", f"optim.warmup_steps={s.warmup}",
+               "validation.interval=0", "wandb.enabled=false"]
+        env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+        log = open(run_dir / "train.log", "w")
+        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+        print(f"{name}: {' '.join(cmd)}\n  log: {run_dir / 'train.log'}", flush=True)
+    while any(p.poll() is None for p, _ in procs.values()):
+        time.sleep(2 if s.steps < 100 else 15)
+        print("  " + ", ".join(f"{n}: {_last_step(runs[n])}/{s.steps} steps" for n in procs), flush=True)
+    for name, (p, log) in procs.items():
+        log.close()
+        if p.returncode:
+            tail = "\n".join((runs[name] / "train.log").read_text().splitlines()[-30:])
+            raise RuntimeError(f"training {name} failed (exit {p.returncode}); end of its log:\n{tail}")
+    print(f"done in {time.time() - t:.0f} s: {', '.join(str(r) for r in runs.values())}")
+    return runs
+
+
+def _last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return json.loads(lines[-1]).get("step", 0) if lines else 0
+
+
+def export(out: Path, run_dir: Path, tok: Path, s: Settings) -> Path:
+    from tools.convert_to_hf import convert
+
+    t = stage("export tiny ALiBi to Hugging Face (MptForCausalLM)")
+    hf = convert(run_dir, out / "hf" / run_dir.name, max_positions=max(s.length_multipliers) * s.seq_length,
+                 tokenizer=tok)
+    print(f"done in {time.time() - t:.0f} s: {hf}")
+    return hf
+
+
+def evaluate(out: Path, data: Path, models: dict[str, Path], s: Settings) -> list[dict]:
+    from tools.eval_extrapolation import write_results
+    from tools.evaluation import evaluate as run_eval
+    from tools.evaluation import load_model, load_tokens
+
+    t = stage("extrapolation evaluation (nonoverlapping)")
+    tokens = load_tokens(data, "valid")
+    lengths = [m * s.seq_length for m in s.length_multipliers]
+    tokens = tokens[: max(s.eval_tokens, max(lengths)) + 1]  # every length scores the same stream
+    records = []
+    for name, path in models.items():
+        model = load_model(path, torch.device("cpu"), name=name)
+        records += run_eval([model], tokens, lengths, method="nonoverlapping", stride=None, device=torch.device("cpu"))
+    write_results(records, out / "eval")
+    print(f"done in {time.time() - t:.0f} s")
+    return records
+
+
+def comparison_table(records: list[dict], runs: dict[str, Path]) -> str:
+    """Perplexity at each length per model (the paper's Table 1 layout), with training cost."""
+    lengths = sorted({r["length"] for r in records})
+    head = "| model | L_train | " + " | ".join(f"ppl@{n}" for n in lengths) + " | ppl@max / ppl@L | train s |\n"
+    head += "|---" * (len(lengths) + 4) + "|\n"
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in records):
+        ppl = {r["length"]: r["ppl"] for r in records if r["model"] == model}
+        train_l = next(r["train_length"] for r in records if r["model"] == model)
+        secs = ""
+        if model in runs and (runs[model] / "metrics.jsonl").is_file():
+            recs = [json.loads(x) for x in (runs[model] / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            prev, total = 0, 0.0
+            for r in (r for r in recs if "loss" in r):
+                total, prev = total + r["step_time_s"] * (r["step"] - prev), r["step"]
+            secs = f"{total:.0f}"
+        rows.append(f"| {model} | {train_l} | " + " | ".join(f"{ppl[n]:.2f}" for n in lengths)
+                    + f" | {ppl[max(lengths)] / ppl[train_l]:.2f}x | {secs} |\n")
+    return head + "".join(rows)
