@@ -17,7 +17,7 @@ import signal
 import time
 from pathlib import Path
 
-from data_prep.worker import load_done, run_chunk
+from data_prep.worker import done_path, indexed_dataset, load_done, run_chunk
 
 _QUEUE = None
 
@@ -76,6 +76,7 @@ def run_local(chunks: list[dict], cfg: dict, workers: int, progress=None) -> dic
 def run_group(chunks: list[dict], cfg: dict, workers: int) -> list[str]:
     """One submitit/SLURM array task: its share of the chunks on its own cores."""
     n = workers or len(os.sched_getaffinity(0))
+    indexed_dataset()  # import before forking the pool
     return sorted(run_local(chunks, cfg, n))
 
 
@@ -95,12 +96,15 @@ def run_submitit(chunks: list[dict], cfg: dict, *, cluster: str, workers: int, t
     groups = [chunks[i::ntasks] for i in range(ntasks)]
     jobs = executor.map_array(run_group, groups, [cfg] * ntasks, [workers] * ntasks)
     out_dir, seen = Path(cfg["out_dir"]), {}
-    while not all(j.done() for j in jobs):
-        for c in chunks:
-            if c["id"] not in seen and (r := load_done(out_dir, c["id"])) is not None:
-                seen[c["id"]] = r
-                if progress:
-                    progress.advance(r["bytes"], sum(s["tokens"] for s in r["splits"].values()))
+    done_dir, wanted = done_path(out_dir, "x").parent, {c["id"] for c in chunks}
+    while not all(j.done() for j in jobs):  # progress: read only result files that are new
+        for entry in os.scandir(done_dir):
+            cid = entry.name[:-5]
+            if entry.name.endswith(".json") and cid in wanted and cid not in seen:
+                if (r := load_done(out_dir, cid)) is not None:
+                    seen[cid] = r
+                    if progress:
+                        progress.advance(r["bytes"], sum(s["tokens"] for s in r["splits"].values()))
         time.sleep(0.5 if cluster != "slurm" else 5)
     for j in jobs:
         j.result()  # raises submitit's FailedJobError with the task's traceback

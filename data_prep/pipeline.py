@@ -18,7 +18,7 @@ from data_prep.plan import auto_chunk_bytes, describe_input, plan_chunks
 from data_prep.progress import Reporter
 from data_prep.readers import expand_inputs
 from data_prep.tokenizer import Tokenizer
-from data_prep.worker import load_done, token_dtype
+from data_prep.worker import indexed_dataset, load_done, token_dtype
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 
@@ -108,6 +108,8 @@ def preprocess(inputs, tokenizer_path, output_dir, *, workers: int | None = None
     if strict and unreadable:
         i = next(iter(unreadable))
         raise RefusedError(f"--strict: input {described[i]['path']} {unreadable[i]}")
+    if todo and launcher == "local":
+        indexed_dataset()  # import once here, before forking: workers share it
     total = sum(c["est_bytes"] for c in chunks)
     progress = Reporter(total, sum(c["est_bytes"] for c in chunks if c["id"] in done), quiet=quiet)
     try:

@@ -37,6 +37,8 @@ def main(argv=None) -> int:
                     help="uncompressed MiB per chunk (task); default: total/16384 within [4, 256]")
     ap.add_argument("--max-compressed-chunks", type=int, default=16)
     ap.add_argument("--max-doc-mb", type=float, default=16.0, help="longer documents are rejected")
+    ap.add_argument("--merge-mb", type=float, default=8192.0,
+                    help="merge chunk shards into shards of ~this many MiB per split; 0: no merge")
     ap.add_argument("--nodes", type=int, default=1, help="slurm: array tasks, each one node")
     ap.add_argument("--partition", default=None, help="slurm partition")
     ap.add_argument("--time-min", type=int, default=24 * 60, help="slurm time limit per task")
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
             a.input, a.tokenizer, a.output_dir, workers=a.workers, launcher=a.launcher,
             text_key=a.text_key, valid_fraction=a.valid_fraction, strict=a.strict,
             chunk_mb=a.chunk_mb, max_compressed_chunks=a.max_compressed_chunks,
-            max_doc_mb=a.max_doc_mb, tasks=a.nodes, quiet=a.quiet,
+            max_doc_mb=a.max_doc_mb, tasks=a.nodes, merge_mb=a.merge_mb, quiet=a.quiet,
             slurm={"partition": a.partition, "time_min": a.time_min, "account": a.account})
     except (RefusedError, InputError) as e:
         print(f"preprocess: refused: {e}", file=sys.stderr)

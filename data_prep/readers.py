@@ -147,7 +147,7 @@ class Record:
 class ChunkReader:
     """Iterate the records a chunk owns. After iteration `lines` is the number of lines that
     start inside [start, end): summed over earlier chunks it turns chunk line numbers into
-    file line numbers. `bytes_read` counts the uncompressed bytes consumed."""
+    file line numbers. `pos` is the uncompressed offset reached (progress, stream errors)."""
 
     def __init__(self, path, kind, compression, start: int, end: int | None,
                  text_key: str = "text", max_doc_bytes: int = 16 << 20):

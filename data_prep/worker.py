@@ -19,10 +19,6 @@ import warnings
 
 import numpy as np
 
-with warnings.catch_warnings():  # megatron-core warns at import that Apex/TE are absent: irrelevant here
-    warnings.simplefilter("ignore")
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
 from data_prep.readers import ChunkReader
 from data_prep.tokenizer import Tokenizer
 
@@ -35,6 +31,15 @@ class StrictError(RuntimeError):
 
 
 _TOKENIZERS: dict[str, Tokenizer] = {}
+
+
+def indexed_dataset():
+    """megatron-core's indexed_dataset module, imported on first use (~5 s: it pulls in torch),
+    so that refusals and --help stay instant; the coordinator calls it before forking workers."""
+    with warnings.catch_warnings():  # megatron-core warns that Apex/TE are absent: irrelevant here
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset as module
+    return module
 
 
 def _tokenizer(path: str) -> Tokenizer:
@@ -103,7 +108,8 @@ def run_chunk(chunk: dict, cfg: dict, progress=None) -> dict:
     threshold = int(cfg["valid_fraction"] * 2**64)
     tmp_tag = f".tmp{os.getpid()}"
     stems = {s: shard_stem(out_dir, chunk["id"], s) for s in SPLITS}
-    builders = {s: IndexedDatasetBuilder(f"{stems[s]}{tmp_tag}.bin", dtype=dtype) for s in SPLITS}
+    builder_cls = indexed_dataset().IndexedDatasetBuilder
+    builders = {s: builder_cls(f"{stems[s]}{tmp_tag}.bin", dtype=dtype) for s in SPLITS}
     stats = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
     rejected: dict[str, dict] = {}
     reader = ChunkReader(chunk["path"], chunk["kind"], chunk["compression"], chunk["start"],

@@ -96,7 +96,8 @@ if [[ $signalled == USR1 ]]; then
     status=1
   else
     log "checkpoint saved: requeueing (restart $((restarts + 1)) of at most $MAX_REQUEUES)"
-    scontrol requeue "$SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" ||
+      { log "requeue refused (--no-requeue or JobRequeue=0?): submit the same command again to resume"; status=1; }
   fi
 fi
 exit "$status"

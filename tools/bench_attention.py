@@ -66,7 +66,6 @@ def measure(fn, q, k, v, backward: bool, iters: int, dev: str) -> tuple[float, f
         return out
 
     out = step()  # warm-up (compiles flex)
-    step()
     if dev == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -9,6 +9,8 @@ For each worker count W it measures:
   * preprocess: the real CLI in a fresh process (W workers), timed from after imports to the end:
     MB/s, tokens/s, per core, % of the ceiling; peak RSS and PSS of the whole process tree
     (sampled every 0.1 s); coordinator CPU share = coordinator CPU / all CPU during the run.
+  * % of the ceiling per CPU-second (MB per CPU-s of preprocess / of the ceiling): the same
+    comparison in CPU time, which a machine shared with other jobs distorts much less than wall time.
 --make-corpus-mb builds a JSONL of that size from the default corpus (copies, each doc tagged).
 Prints a table and writes JSON.
 """
@@ -87,12 +89,13 @@ def ceiling(paths, model: str, threads: int, batch_bytes: int = 1 << 20) -> dict
     if cur:
         batches.append(cur)
         text_bytes += size
-    t0, tokens = time.perf_counter(), 0
+    t0, c0, tokens = time.perf_counter(), time.process_time(), 0
     for b in batches:
         tokens += sum(len(x) for x in sp.encode(b, out_type="numpy", num_threads=threads))
-    dt = time.perf_counter() - t0
-    return {"threads": threads, "text_bytes": text_bytes, "seconds": dt, "mb_per_s": text_bytes / dt / 1e6,
-            "tokens_per_s": (tokens + sum(map(len, batches))) / dt}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"threads": threads, "text_bytes": text_bytes, "seconds": dt, "cpu_s": cpu,
+            "mb_per_s": text_bytes / dt / 1e6, "mb_per_cpu_s": text_bytes / cpu / 1e6,
+            "tokens_per_s": (tokens + sum(len(b) for b in batches)) / dt}
 
 
 def run_preprocess(paths, model: str, workers: int, out_dir: Path) -> dict:
@@ -119,7 +122,8 @@ def run_preprocess(paths, model: str, workers: int, out_dir: Path) -> dict:
             "tokens_per_s": run["tokens"] / stats["wall_s"], "peak_rss_mb": peak_rss / 2**20,
             "peak_pss_mb": peak_pss / 2**20, "coordinator_cpu_s": stats["coord_cpu_s"],
             "workers_cpu_s": stats["workers_cpu_s"], "coordinator_cpu_share": stats["coord_cpu_s"] / total_cpu,
-            "import_s": stats["import_s"], "chunks": run["chunks"]}
+            "mb_per_cpu_s": run["bytes"] / total_cpu / 1e6, "import_s": stats["import_s"],
+            "chunks": run["chunks"]}
 
 
 def main(argv=None) -> None:
@@ -145,16 +149,18 @@ def main(argv=None) -> None:
             subprocess.run(["rm", "-rf", str(out)], check=True)
             p = run_preprocess(paths, a.tokenizer, w, out)
             p["pct_of_ceiling"] = 100 * p["mb_per_s"] / c["mb_per_s"]
+            p["pct_of_ceiling_per_cpu_s"] = 100 * p["mb_per_cpu_s"] / c["mb_per_cpu_s"]
             results.append({"repeat": rep, "ceiling": c, "preprocess": p,
                             "load_avg": os.getloadavg()})
     t = Table(title="preprocess vs SentencePiece ceiling (same text, same cores)")
-    for col in ("W", "rep", "ceiling MB/s", "prep MB/s", "% ceil", "MB/s/core", "Mtok/s", "peak RSS MB",
-                "peak PSS MB", "coord CPU %", "load"):
+    for col in ("W", "rep", "ceiling MB/s", "prep MB/s", "% ceil", "% ceil /CPU-s", "MB/s/core", "Mtok/s",
+                "peak RSS MB", "peak PSS MB", "coord CPU %", "load"):
         t.add_column(col, justify="right")
     for r in results:
         c, p = r["ceiling"], r["preprocess"]
         t.add_row(str(p["workers"]), str(r["repeat"]), f"{c['mb_per_s']:.2f}", f"{p['mb_per_s']:.2f}",
-                  f"{p['pct_of_ceiling']:.1f}", f"{p['mb_per_s'] / p['workers']:.2f}",
+                  f"{p['pct_of_ceiling']:.1f}", f"{p['pct_of_ceiling_per_cpu_s']:.1f}",
+                  f"{p['mb_per_s'] / p['workers']:.2f}",
                   f"{p['tokens_per_s'] / 1e6:.2f}", f"{p['peak_rss_mb']:.0f}", f"{p['peak_pss_mb']:.0f}",
                   f"{100 * p['coordinator_cpu_share']:.2f}", f"{r['load_avg'][0]:.1f}")
     Console().print(t)

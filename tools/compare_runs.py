@@ -20,11 +20,12 @@ if __package__ in (None, ""):  # run as a script: make `tools` and `pretrain` im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.config import load_config  # noqa: E402
+from tools.launch import ROOT  # noqa: E402
 from tools.plotting import plot_curves  # noqa: E402
 from tools.runs import compare, read_run  # noqa: E402
 from tools.throughput import BenchSpec, benchmark  # noqa: E402
 
-PAPER_PAIR = ["configs/gpt_1p3b_alibi_L1024.yaml", "configs/gpt_1p3b_sinusoidal_L2048.yaml"]
+PAPER_PAIR = [str(ROOT / "configs" / f) for f in ("gpt_1p3b_alibi_L1024.yaml", "gpt_1p3b_sinusoidal_L2048.yaml")]
 
 
 def bench(args) -> None:
@@ -34,7 +35,7 @@ def bench(args) -> None:
     specs = []
     for path, length in zip(args.config, lengths):
         length = length or load_config(path).model.seq_length
-        specs.append(BenchSpec(f"{Path(path).stem}@{length}", Path(path), length))
+        specs.append(BenchSpec(f"{Path(path).stem}@{length}", Path(path).resolve(), length))
     report = benchmark(specs, data=args.data, steps=args.steps, warmup=args.warmup, backend=args.backend,
                        tokens_per_batch=args.tokens_per_batch, out_dir=args.output, overrides=args.override)
     print((args.output / "benchmark.md").read_text())

@@ -8,16 +8,14 @@ corpus -> tokenizer -> preprocess -> train tiny ALiBi and sinusoidal at L -> exp
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tools.launch import ROOT, child_env, train_cmd
 
 
 @dataclass(frozen=True)
@@ -75,15 +73,14 @@ def train(out: Path, data: Path, s: Settings) -> dict[str, Path]:
     for name, config in MODELS.items():
         run_dir = runs[name] = out / "runs" / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(ROOT / "pretrain" / "train.py"), "--config", str(ROOT / config),
-               "--run-dir", str(run_dir), "--data", str(data), "--steps", str(s.steps),
-               "--seq-length", str(s.seq_length), "--log-interval", str(max(1, s.steps // 20)),
-               f"train.global_batch_size={s.global_batch}", f"train.micro_batch_size={s.global_batch}",
-               f"optim.lr={s.lr}", f"optim.min_lr={s.lr / 10}", f"optim.warmup_steps={s.warmup}",
-               "validation.interval=0", "wandb.enabled=false"]
-        env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+        cmd = train_cmd(ROOT / config, run_dir, data, "--steps", str(s.steps), "--seq-length", str(s.seq_length),
+                        "--log-interval", str(max(1, s.steps // 20)), overrides=[
+                            f"train.global_batch_size={s.global_batch}", f"train.micro_batch_size={s.global_batch}",
+                            f"optim.lr={s.lr}", f"optim.min_lr={s.lr / 10:g}", f"optim.warmup_steps={s.warmup}",
+                            "validation.interval=0", "wandb.enabled=false"])
         log = open(run_dir / "train.log", "w")
-        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT)
+        procs[name] = (proc, log)
         print(f"{name}: {' '.join(cmd)}\n  log: {run_dir / 'train.log'}", flush=True)
     while any(p.poll() is None for p, _ in procs.values()):
         time.sleep(2 if s.steps < 100 else 15)

@@ -13,16 +13,15 @@ import json
 import platform
 import statistics
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pretrain.config import load_config
+from tools.launch import ROOT, child_env, train_cmd
 from tools.plotting import plot_bars
 
-ROOT = Path(__file__).resolve().parents[1]
 METRICS = [("tokens_per_s", "tokens/s"), ("step_time_s", "step time (s)"), ("peak_mem_gb", "peak memory (GB)"),
            ("tflops_per_gpu", "TFLOP/s per GPU"), ("mfu", "MFU")]
 
@@ -49,13 +48,12 @@ def run_one(spec: BenchSpec, *, data: str, steps: int, tokens_per_batch: int, ba
     run_dir = out_dir / spec.name
     if (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()  # a fresh measurement, not a resumed one
-    cmd = [sys.executable, str(ROOT / "pretrain" / "train.py"), "--config", str(spec.config), "--run-dir", str(run_dir),
-           "--data", data, "--steps", str(steps), "--seq-length", str(spec.seq_length), "--micro-batch", str(micro),
-           "--log-interval", "1", "--save-interval", str(10**9),
-           f"train.global_batch_size={micro}", f"model.attention_backend={backend}", "validation.interval=0",
-           "optim.warmup_steps=0", "wandb.enabled=false", *overrides]
+    cmd = train_cmd(spec.config, run_dir, data, "--steps", str(steps), "--seq-length", str(spec.seq_length),
+                    "--micro-batch", str(micro), "--log-interval", "1", "--save-interval", str(10**9), overrides=[
+                        f"train.global_batch_size={micro}", f"model.attention_backend={backend}",
+                        "validation.interval=0", "optim.warmup_steps=0", "wandb.enabled=false", *overrides])
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=child_env())
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss" in r]
 

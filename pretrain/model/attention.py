@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
@@ -131,8 +132,8 @@ class CoreAttention(MegatronModule):
             raise ValueError("context parallelism is not supported by this attention; set it to 1")
         if (attention_dropout or config.attention_dropout) > 0:
             raise ValueError("attention dropout is not supported (FlexAttention has none); set it to 0")
-        tp = pg_collection.tp if pg_collection is not None else None
-        tp_size, tp_rank = (tp.size(), tp.rank()) if tp is not None else (1, 0)
+        tp = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
+        tp_size, tp_rank = tp.size(), tp.rank()
         self.local_heads = config.num_attention_heads // tp_size
         self.head_offset = tp_rank * self.local_heads  # megatron gives rank r heads [r*n/tp, (r+1)*n/tp)
         # ALiBi or not is settled here, once: forward does not branch on the position method.

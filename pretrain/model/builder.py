@@ -41,6 +41,7 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
         # for any TP degree, and no CUDA needed to build it.
         use_cpu_initialization=True,
         params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,  # dtype of the activations sent between pipeline stages
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         # fused kernels need CUDA/apex; off everywhere so CPU and GPU compute the same thing

@@ -1,23 +1,26 @@
 """Making megatron-core run on a CPU, in one place, applied only when there is no GPU.
 
-megatron-core 0.16 assumes CUDA in these places (REFERENCE.md section 5), each handled here or
-by a choice elsewhere in this package:
+megatron-core 0.16 assumes CUDA in these places (REFERENCE.md section 5); each is handled here
+(`apply_cpu_compat`, `seed_rng`) or by a choice elsewhere in this package:
 
-| assumption                                                   | handled by                                    |
-|--------------------------------------------------------------|-----------------------------------------------|
-| parameters allocated on `torch.cuda.current_device()`        | builder: `use_cpu_initialization=True` always |
-|                                                              | (also makes init identical for any TP degree) |
-| `GlobalMemoryBuffer.get_tensor` allocates on CUDA            | `apply_cpu_compat`: buffer on the CPU         |
-| `RotaryEmbedding.get_emb` moves `inv_freq` to CUDA           | `apply_cpu_compat`: keeps it where it is       |
-| `mappings._gather_along_last_dim` (TP logits gather) on CUDA | `apply_cpu_compat`: gathers on the input's device |
-| activation recompute saves/restores the CUDA RNG state     | `apply_cpu_compat`: saves/restores the CPU RNG state (dropout masks replay exactly) |
-| PP > 1 with tied embeddings: `weight.data.cuda()` before the | `apply_cpu_compat`: the same all-reduce of the |
-|   first/last-stage embedding all-reduce                       | tied weight, on the CPU                       |
-| CUDA RNG tracker (`model_parallel_cuda_manual_seed`)         | `init_model_parallel`: inference tracker on CPU, whose fork is a no-op |
-| `attention_mask=None` -> causal mask built on "cuda"         | attention.py: mask/bias built inside CoreAttention, callers pass None |
-| fused kernels (bias-GELU, masked softmax, rope, grad-accum)   | builder: every fusion flag off                 |
-| pipeline `schedules.py` / `p2p_communication.py` use "cuda"  | not patched: pipeline parallelism on CPU runs through DeepSpeed's PipelineModule (training side) |
-| `get_megatron_optimizer`, `sequence_parallel`                | not used (DeepSpeed owns the optimizer; sequence_parallel stays off) |
+- parameters allocated on `torch.cuda.current_device()` -> builder: `use_cpu_initialization=True`
+  always (full weights drawn on the CPU and sliced: also the same model for any TP degree);
+- `GlobalMemoryBuffer.get_tensor` allocates on CUDA -> patched: buffer on the CPU;
+- `RotaryEmbedding.get_emb` moves `inv_freq` to CUDA -> patched: left where it is;
+- `mappings._gather_along_last_dim` (TP logits gather) allocates on CUDA -> patched: list
+  all_gather on the input's device (works on gloo);
+- activation recompute saves/restores the CUDA RNG state -> patched: the CPU RNG state, so
+  dropout masks replay exactly;
+- PP > 1 with tied embeddings: `weight.data.cuda()` before the first/last-stage all-reduce ->
+  patched: the same all-reduce on the CPU;
+- the CUDA RNG tracker (`model_parallel_cuda_manual_seed`) -> `seed_rng`: the inference tracker,
+  whose fork is a no-op;
+- `attention_mask=None` makes megatron's attention build a causal mask on "cuda" ->
+  attention.py builds mask and ALiBi bias itself; callers pass None;
+- fused kernels (bias-GELU, masked softmax, rope, gradient-accumulation fusion) -> builder:
+  every fusion flag off, so CPU and GPU compute the same thing;
+- not handled: pipeline `schedules.py` / `p2p_communication.py` (use "cuda"; the training side
+  runs pipelines through DeepSpeed), `get_megatron_optimizer` and `sequence_parallel` (unused).
 
 Typical use (tests, tools, single-process evaluation):
 
@@ -28,33 +31,39 @@ Typical use (tests, tools, single-process evaluation):
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
 
+_APPLIED = False
+
+
 def apply_cpu_compat() -> None:
-    """Patch megatron-core's CUDA-only allocations to the CPU. No-op when CUDA is available;
-    idempotent."""
-    if torch.cuda.is_available():
+    """Patch megatron-core's CUDA-only code paths listed above. No-op with CUDA; idempotent."""
+    global _APPLIED
+    if torch.cuda.is_available() or _APPLIED:
         return
+    for patch in (_memory_buffer, _rope, _tp_gather, _recompute_rng, _tied_embedding_allreduce):
+        patch()
+    _APPLIED = True
+
+
+def _memory_buffer() -> None:
     from megatron.core import utils
 
-    if getattr(utils.GlobalMemoryBuffer.get_tensor, "_cpu_compat", False):
-        return
-
     def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
-        numel = 1
-        for n in tensor_shape:
-            numel *= n
+        numel = math.prod(tensor_shape)
         buf = self.buffer.get((name, dtype))
         if buf is None or buf.numel() < numel:
             buf = self.buffer[(name, dtype)] = torch.empty(numel, dtype=dtype, device="cpu")
         return buf[:numel].view(*tensor_shape)
 
-    get_tensor._cpu_compat = True
     utils.GlobalMemoryBuffer.get_tensor = get_tensor
 
+
+def _rope() -> None:
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
@@ -68,10 +77,12 @@ def apply_cpu_compat() -> None:
 
     RotaryEmbedding.get_emb = get_emb
 
+
+def _tp_gather() -> None:
     from megatron.core.tensor_parallel import mappings
 
     def gather_along_last_dim(input_, group):
-        # [..., h/tp] on each rank -> [..., h]; list all_gather works on gloo
+        # [..., h/tp] on each rank -> [..., h]
         if group.size() == 1:
             return input_
         parts = [torch.empty_like(input_) for _ in range(group.size())]
@@ -80,6 +91,8 @@ def apply_cpu_compat() -> None:
 
     mappings._gather_along_last_dim = gather_along_last_dim
 
+
+def _recompute_rng() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     def get_all_rng_states():
@@ -93,6 +106,8 @@ def apply_cpu_compat() -> None:
     mrandom._get_all_rng_states = get_all_rng_states
     mrandom._set_all_rng_states = set_all_rng_states
 
+
+def _tied_embedding_allreduce() -> None:
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
     setup = LanguageModule.setup_embeddings_and_output_layer

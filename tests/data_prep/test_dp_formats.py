@@ -66,8 +66,9 @@ def test_any_split_points_cover_each_record_once(inputs, seed):
 def test_every_format_tokenizes_identically(inputs, tokenizer_model, tmp_path):
     """One run over all formats; each input's own chunk shards hold exactly its documents."""
     want = reference_tokens(tokenizer_model, DOCS, 2)
-    m = preprocess(inputs, tokenizer_model, tmp_path, workers=1, valid_fraction=0.0, chunk_mb=0.004, quiet=True)
-    assert m["rejected"] == {}
+    m = preprocess(inputs, tokenizer_model, tmp_path, workers=1, valid_fraction=0.0, chunk_mb=0.004,
+                   merge_mb=0, quiet=True)  # merge_mb=0: the chunk shards are the output
+    assert m["rejected"] == {} and not (tmp_path / "merged").exists()
     for i, p in enumerate(inputs):
         assert m["inputs"][i]["chunks"] > 1 and m["inputs"][i]["documents"] == len(DOCS), p.name
         got = []

@@ -4,7 +4,6 @@ gloo processes): HF logits equal our model's, and HF perplexity equals what the 
 itself logged for validation."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pretrain.data import validation_tokens
 from pretrain.model import build_model, init_model_parallel
 from tools.compare_runs import main as compare_main
 from tools.hf_export import megatron_to_hf
+from tools.launch import child_env
 from tools.perplexity import perplexity
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def test_tp2_trained_checkpoint_exports_exactly(quick_job, tmp_path):
            "train.global_batch_size=4", "train.micro_batch_size=4", "optim.lr=3e-3", "optim.warmup_steps=1",
            "validation.interval=3", "validation.length_multipliers=[1,4]", "validation.tokens=2048",
            "wandb.enabled=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env = child_env(OMP_NUM_THREADS="1")
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, timeout=600)
 
     cfg, sd = load_consolidated(run)

@@ -1,5 +1,6 @@
 """Layout equivalence: the first 5 losses of dp=2 ZeRO-1/2/3, tp=2 and pp=2 (gloo, 2 processes)
-equal the single-process run within 1e-5 (fp32), and every layout's checkpoint consolidates
+and tp=2 x pp=2 (4 processes) equal the single-process run within 1e-5 (fp32), and every
+layout's checkpoint consolidates
 to the same TP=1/PP=1 state dict, which for the single process is the model's own state dict."""
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ def test_train_layouts_match_single_process(tiny_data, tmp_path):
     # the single-process reference (ZeRO-0 and ZeRO-1) runs beside the 2-rank group
     single = launch([WORKER, str(tmp_path), str(tiny_data), str(TINY), "1,1,0", "1,1,1"], 1)
     group = launch([WORKER, str(tmp_path), str(tiny_data), str(TINY), *LAYOUTS_2], 2)
-    assert wait_all(single + group, timeout=600) == [0, 0, 0]
+    group4 = launch([WORKER, str(tmp_path), str(tiny_data), str(TINY), "2,2,1"], 4)
+    assert wait_all(single + group + group4, timeout=600) == [0] * 7
 
     ref = json.loads((tmp_path / "losses_w1.json").read_text())
-    losses = {**ref, **json.loads((tmp_path / "losses_w2.json").read_text())}
+    losses = {**ref, **json.loads((tmp_path / "losses_w2.json").read_text()),
+              **json.loads((tmp_path / "losses_w4.json").read_text())}
+    assert len(losses) == 2 + len(LAYOUTS_2) + 1
     base = ref["tp1_pp1_z0_w1"]
     assert base[-1] < base[0] - 0.3, f"the tiny model should learn in 5 steps: {base}"
     for name, got in losses.items():

@@ -1,0 +1,120 @@
+"""Training throughput of a config: tokens/s/GPU, TFLOP/s/GPU, MFU and peak memory.
+
+    python pretrain/benchmark.py --config configs/gpt_1p3b_alibi_L1024.yaml [--micro-batch auto|N]
+        [--steps 10] [--warmup 3] [--out bench.json] [key.path=value ...]
+    torchrun --nproc_per_node 8 pretrain/benchmark.py --config ...        # one node
+
+Runs the real trainer (DeepSpeed engine, bf16 on GPU) on random tokens, so no dataset is needed;
+one micro-batch per optimizer step per rank. `--micro-batch auto` doubles the micro-batch from 1
+until the GPU runs out of memory and reports the largest that fits. MFU as in docs/mfu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from pretrain.config import Config, load_config  # noqa: E402
+
+
+def measure(cfg: Config, world_size: int, steps: int, warmup: int) -> dict:
+    """Train `warmup + steps` steps of random tokens; timings of the last `steps` only."""
+    from megatron.core import parallel_state as ps
+
+    from pretrain.engine import Trainer
+    from pretrain.metrics import peak_memory_gb, throughput
+
+    trainer = Trainer(cfg, world_size)
+    m, mb = cfg.model, cfg.train.micro_batch_size
+    gen = torch.Generator().manual_seed(ps.get_data_parallel_rank())
+    acc = cfg.grad_accumulation(world_size)
+
+    def batch():
+        x = torch.randint(0, m.vocab_size, (mb, m.seq_length + 1), generator=gen)
+        return {"tokens": x[:, :-1], "labels": x[:, 1:], "loss_mask": torch.ones(mb, m.seq_length),
+                "position_ids": torch.arange(m.seq_length).expand(mb, m.seq_length)}
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        trainer.train_step([batch() for _ in range(acc)], cfg.optim.lr)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        result = trainer.train_step([batch() for _ in range(acc)], cfg.optim.lr)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    step_time = (time.perf_counter() - t0) / steps
+    out = {"micro_batch_size": mb, "global_batch_size": cfg.train.global_batch_size, "world_size": world_size,
+           "seq_length": m.seq_length, "step_time_s": step_time, "loss": result.loss,
+           "peak_mem_gb": peak_memory_gb(), **throughput(cfg, world_size, step_time),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "precision": "bf16" if trainer.engine.bfloat16_enabled() else "fp32"}
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
+def with_micro_batch(cfg: Config, micro: int, world_size: int) -> Config:
+    dp = cfg.data_parallel(world_size)
+    cfg.train.micro_batch_size, cfg.train.global_batch_size = micro, micro * dp
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--micro-batch", default="auto", help="N, or auto: the largest that fits (GPU)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=None, help="write the result(s) as JSON here")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+
+    from pretrain.model import init_model_parallel
+    from pretrain.parallel import read_env
+
+    env = read_env()
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    cfg = load_config(args.config, args.overrides)
+    cfg.wandb.enabled = False
+    init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, seed=cfg.train.seed)
+    if args.micro_batch == "auto" and torch.cuda.is_available():
+        candidates = [2**i for i in range(9)]
+    else:
+        candidates = [cfg.train.micro_batch_size if args.micro_batch == "auto" else int(args.micro_batch)]
+    results = []
+    for micro in candidates:
+        run_cfg = with_micro_batch(load_config(args.config, args.overrides), micro, env.world_size)
+        try:
+            results.append(measure(run_cfg, env.world_size, args.steps, args.warmup))
+        except torch.cuda.OutOfMemoryError:
+            break
+    if env.rank == 0:
+        print(f"{'micro':>5} {'tokens/s/GPU':>13} {'TFLOP/s/GPU':>12} {'MFU':>6} {'step s':>8} {'peak GB':>8}  device")
+        for r in results:
+            print(f"{r['micro_batch_size']:>5} {r['tokens_per_s_per_gpu']:>13.0f} {r['tflops_per_gpu']:>12.1f} "
+                  f"{r['mfu']:>6.1%} {r['step_time_s']:>8.3f} {r['peak_mem_gb']:>8.1f}  {r['device']}")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"config": args.config, "results": results}, indent=1))
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)

@@ -1,0 +1,151 @@
+"""Config checks, --dry-run, the LR schedule, the memory estimate and the MFU formula (no
+process groups, except the FLOP count, which runs the real model once in this process)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, load_config
+from pretrain.evaluate import nonoverlapping_ppl
+from pretrain.memory import estimate_memory, parameter_count
+from pretrain.metrics import flops_per_token, throughput
+from pretrain.schedule import lr_at
+from pretrain.train import main
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+BIG = [REPO / "configs" / "gpt_1p3b_alibi_L1024.yaml", REPO / "configs" / "gpt_1p3b_sinusoidal_L2048.yaml"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_train_shipped_configs_validate(path):
+    cfg = load_config(path)
+    cfg.validate(cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+
+
+@pytest.mark.parametrize("path", BIG, ids=lambda p: p.stem)
+def test_train_dry_run_1p3b_on_128_gpus(path, capsys):
+    assert main(["--config", str(path), "--dry-run", "--world-size", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "valid for 128 GPUs" in out and "world 128 = tp 1 x pp 1 x dp 128" in out
+    for row in ("weights", "gradients", "optimizer (ZeRO-1)", "activations", "total per GPU"):
+        assert row in out
+    assert "1.361 B" in out  # 25 x (4d^2 + 2 d f + 2d) + V d + d with d 2048, f 8192, V 50304
+
+
+def test_train_dry_run_broken_layout_lists_every_error(capsys):
+    code = main(["--config", str(BIG[0]), "--dry-run", "--world-size", "96", "--tp", "3", "--pp", "4",
+                 "--zero-stage", "2", "--micro-batch", "7", "optim.warmup_steps=60000"])
+    assert code == 2
+    err = capsys.readouterr().err
+    for needle in ("num_attention_heads=16 is not divisible by tensor_parallel=3",
+                   "num_layers=25 is not divisible by pipeline_parallel=4",
+                   "zero_stage=2 with pipeline_parallel=4",
+                   "global_batch_size=1024 is not divisible by micro_batch_size x data_parallel = 7 x 8",
+                   "optim.warmup_steps=60000"):
+        assert needle in err, needle
+    assert main(["--config", str(BIG[0]), "--dry-run", "--world-size", "100", "--tp", "8"]) == 2
+    assert "world size 100 is not divisible by tensor_parallel x pipeline_parallel = 8" in capsys.readouterr().err
+
+
+def test_train_dry_run_refuses_a_layout_that_does_not_fit(capsys):
+    code = main(["--config", str(BIG[0]), "--dry-run", "--world-size", "1", "--micro-batch", "64",
+                 "train.global_batch_size=64"])
+    assert code == 2 and "exceeds hardware.gpu_memory_gb=80" in capsys.readouterr().err
+
+
+def test_train_memory_estimate_shards_by_zero_stage():
+    cfg = load_config(BIG[0])
+    n = parameter_count(cfg)
+    per_stage = {}
+    for stage in (0, 1, 2, 3):
+        cfg.parallel.zero_stage = stage
+        per_stage[stage] = estimate_memory(cfg, 128)
+    gib = 1024**3
+    assert per_stage[0].optimizer_gb == pytest.approx(12 * n / gib)
+    assert per_stage[1].optimizer_gb == pytest.approx(12 * n / 128 / gib)
+    assert per_stage[1].grads_gb == pytest.approx(2 * n / gib)
+    assert per_stage[2].grads_gb == pytest.approx(2 * n / 128 / gib)
+    assert per_stage[3].params_gb == pytest.approx(2 * n / 128 / gib)
+    cfg.parallel.zero_stage, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel = 1, 4, 5
+    est = estimate_memory(cfg, 128)  # dp 6.4 is invalid, but the per-GPU share is still defined
+    assert est.params_per_gpu < n / 4 / 5 + 50304 * 2048 / 4 + 1
+
+
+def test_train_config_rejects_unknown_keys_and_types(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BIG[0].read_text() + "train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="must be of type int"):
+        load_config(BIG[0], ["train.steps=many"])
+    assert load_config(BIG[0], ["optim.lr=3e-4"]).optim.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string
+
+
+def test_train_lr_schedule_is_warmup_then_cosine():
+    o = load_config(BIG[0]).optim  # lr 2e-4, min 1e-5, warm-up 500
+    assert lr_at(0, o, 50000) == pytest.approx(2e-4 / 500)
+    assert lr_at(499, o, 50000) == pytest.approx(2e-4)
+    mid = 500 + (50000 - 500) // 2
+    assert lr_at(mid, o, 50000) == pytest.approx(1e-5 + 0.5 * (2e-4 - 1e-5), rel=1e-4)
+    assert lr_at(50000, o, 50000) == pytest.approx(1e-5) and lr_at(60000, o, 50000) == pytest.approx(1e-5)
+    assert all(lr_at(s, o, 50000) >= lr_at(s + 1, o, 50000) for s in range(500, 50000, 997))
+
+
+def test_train_nonoverlapping_ppl_hand_computed():
+    import torch
+
+    tokens = torch.arange(11)  # windows of 3: inputs 0-2, 3-5, 6-8; targets 1..9 (token 10 unused)
+    seen = []
+
+    def nll(x, y):
+        seen.append((x.tolist(), y.tolist()))
+        return y.float() / 10  # NLL of target t is t/10
+
+    assert nonoverlapping_ppl(nll, tokens, 3, batch_size=2) == pytest.approx(math.exp(sum(range(1, 10)) / 90))
+    assert seen[0] == ([[0, 1, 2], [3, 4, 5]], [[1, 2, 3], [4, 5, 6]]) and seen[1] == ([[6, 7, 8]], [[7, 8, 9]])
+
+
+def test_train_mfu_formula_matches_counted_flops():
+    """flops_per_token (docs/mfu.md) equals the FLOPs torch counts in one forward + backward of the
+    real model (attention through SDPA's math path, counted as full [s, s] matrices)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pretrain.model import build_model, init_model_parallel
+
+    cfg = load_config(REPO / "configs" / "tiny_alibi.yaml", ["model.seq_length=32", "model.vocab_size=512"])
+    init_model_parallel(1, 1, seed=0)
+    model = build_model(cfg.model)
+    b, s = 2, cfg.model.seq_length
+    tokens = torch.randint(0, 512, (b, s))
+    pos = torch.arange(s).expand(b, s)
+    with FlopCounterMode(display=False) as counter:
+        model(tokens, pos, None, labels=tokens).sum().backward()
+    counted = counter.get_total_flops()
+    assert counted / (b * s) == pytest.approx(flops_per_token(cfg), rel=0.01)
+    t = throughput(cfg, world_size=4, step_time_s=2.0)
+    tokens_per_step = cfg.train.global_batch_size * s
+    assert t["tflops_per_gpu"] == pytest.approx(flops_per_token(cfg) * tokens_per_step / 2.0 / 4 / 1e12)
+    assert t["mfu"] == pytest.approx(t["tflops_per_gpu"] / cfg.hardware.peak_tflops)
+
+
+def test_train_benchmark_cpu_smoke(tmp_path, capsys):
+    """pretrain/benchmark.py runs the real trainer and reports MFU consistently (CPU: fp32, the
+    config's micro-batch; on a GPU it searches the largest micro-batch, see docs/benchmarks.md)."""
+    import json
+
+    from pretrain.benchmark import main as bench
+
+    out = tmp_path / "bench.json"
+    assert bench(["--config", str(REPO / "configs" / "tiny_alibi.yaml"), "--steps", "2", "--warmup", "1",
+                  "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["precision"] == "fp32" and r["micro_batch_size"] == 8 and math.isfinite(r["loss"])
+    assert r["tokens_per_s"] == pytest.approx(8 * 64 / r["step_time_s"])
+    assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 989.0)
+    assert "tokens/s/GPU" in capsys.readouterr().out
