@@ -73,6 +73,28 @@ def run_local(chunks: list[dict], cfg: dict, workers: int, progress=None) -> dic
     return results
 
 
+def map_tasks(fn, args_list: list[tuple], *, launcher: str, workers: int, folder: Path,
+              slurm: dict | None = None) -> list:
+    """fn(*args) for each args, in parallel with the given launcher (used for the merge step)."""
+    if not args_list:
+        return []
+    if launcher == "local":
+        if workers <= 1 or len(args_list) == 1:
+            return [fn(*a) for a in args_list]
+        with mp.get_context("fork").Pool(min(workers, len(args_list)), initializer=_init_worker,
+                                         initargs=(None,)) as pool:
+            return pool.starmap(fn, args_list)
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm" if launcher == "slurm" else "local")
+    params = {"timeout_min": int((slurm or {}).get("time_min", 24 * 60)), "cpus_per_task": 1, "name": "merge"}
+    if launcher == "slurm":
+        params.update({f"slurm_{k}": v for k, v in (slurm or {}).items() if k != "time_min" and v is not None})
+    executor.update_parameters(**params)
+    jobs = executor.map_array(fn, *zip(*args_list))
+    return [j.result() for j in jobs]
+
+
 def run_group(chunks: list[dict], cfg: dict, workers: int) -> list[str]:
     """One submitit/SLURM array task: its share of the chunks on its own cores."""
     n = workers or len(os.sched_getaffinity(0))

@@ -5,7 +5,8 @@ Why merge: megatron-core's BlendedMegatronDatasetBuilder without weights gives e
 equal to its sample count and refuses a prefix too small for one sample; thousands of tiny chunk
 shards (e.g. a small valid split) trip that. Groups are consecutive chunk shards up to
 `merge_bytes` of tokens, so the result is deterministic; each group is written to a temporary
-name and renamed, and a group already present with the recorded size is kept (resume).
+name and renamed, and a group already present with the recorded size is kept (resume). Groups
+are independent: they run as tasks of the same launcher as the chunks (parallel copies).
 `add_shard` is IndexedDatasetBuilder.add_index without its per-call gc.collect(), which costs
 ~0.8 s with torch loaded (hours over 16k chunk shards); the index and data handling are the same.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 from data_prep.worker import SPLITS, indexed_dataset
 
@@ -48,28 +51,37 @@ def plan_groups(shards: list[dict], merge_bytes: int) -> dict[str, list[list[dic
     return groups
 
 
-def merge_shards(out_dir: Path, shards: list[dict], merge_bytes: int, dtype) -> list[dict]:
-    """Write merged/<split>_<k>.{bin,idx}; returns their manifest entries. merge_bytes=0: no
-    merge (no copy); the entries are then the chunk shards themselves."""
-    out_dir = Path(out_dir)
+def plan_merge(shards: list[dict], merge_bytes: int) -> list[dict]:
+    """Manifest entries of the merged shards (deterministic: depends on the chunk shards only).
+    merge_bytes=0: no merge; the entries are then the chunk shards themselves."""
     if merge_bytes <= 0:
         return [dict(s, chunks=[s["chunk"]]) for s in shards if s["documents"] > 0]
-    (out_dir / "merged").mkdir(exist_ok=True)
-    merged = []
-    for split, groups in plan_groups(shards, merge_bytes).items():
-        for k, group in enumerate(groups):
-            prefix = f"merged/{split}_{k:05d}"
-            size = sum(s["bin_bytes"] for s in group)
-            final = out_dir / prefix
-            if not (final.with_suffix(".idx").exists() and os.path.getsize(f"{final}.bin") == size):
-                tmp = f"{final}.tmp{os.getpid()}"
-                builder = indexed_dataset().IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
-                for s in group:
-                    add_shard(builder, str(out_dir / s["prefix"]))
-                builder.finalize(f"{tmp}.idx")
-                os.replace(f"{tmp}.bin", f"{final}.bin")
-                os.replace(f"{tmp}.idx", f"{final}.idx")
-            merged.append({"prefix": prefix, "split": split, "documents": sum(s["documents"] for s in group),
-                           "tokens": sum(s["tokens"] for s in group), "bin_bytes": size,
-                           "chunks": [s["chunk"] for s in group]})
-    return merged
+    return [{"prefix": f"merged/{split}_{k:05d}", "split": split,
+             "documents": sum(s["documents"] for s in group), "tokens": sum(s["tokens"] for s in group),
+             "bin_bytes": sum(s["bin_bytes"] for s in group), "chunks": [s["chunk"] for s in group],
+             "parts": [s["prefix"] for s in group]}
+            for split, groups in plan_groups(shards, merge_bytes).items() for k, group in enumerate(groups)]
+
+
+def merge_complete(out_dir: Path, entry: dict) -> bool:
+    final = Path(out_dir) / entry["prefix"]
+    if "parts" not in entry:
+        return True
+    return final.with_suffix(".idx").exists() and os.path.getsize(f"{final}.bin") == entry["bin_bytes"]
+
+
+def merge_one(out_dir: str, entry: dict, dtype_name: str) -> str:
+    """Write one merged shard (temporary name, then rename); a task of the worker pool/array."""
+    out_dir = Path(out_dir)
+    final = out_dir / entry["prefix"]
+    if merge_complete(out_dir, entry):
+        return entry["prefix"]
+    final.parent.mkdir(exist_ok=True)
+    tmp = f"{final}.tmp{os.getpid()}"
+    builder = indexed_dataset().IndexedDatasetBuilder(f"{tmp}.bin", dtype=getattr(np, dtype_name))
+    for part in entry["parts"]:
+        add_shard(builder, str(out_dir / part))
+    builder.finalize(f"{tmp}.idx")
+    os.replace(f"{tmp}.bin", f"{final}.bin")
+    os.replace(f"{tmp}.idx", f"{final}.idx")
+    return entry["prefix"]

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from data_prep import launch
 from data_prep.manifest import build_manifest, write_manifest
-from data_prep.merge import merge_shards
+from data_prep.merge import merge_complete, merge_one, plan_merge
 from data_prep.plan import auto_chunk_bytes, describe_input, plan_chunks
 from data_prep.progress import Reporter
 from data_prep.readers import expand_inputs
 from data_prep.tokenizer import Tokenizer
-from data_prep.worker import indexed_dataset, load_done, token_dtype
+from data_prep.worker import StrictError, indexed_dataset, load_done, token_dtype
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 
@@ -83,6 +83,9 @@ def preprocess(inputs, tokenizer_path, output_dir, *, workers: int | None = None
         tok = Tokenizer(tokenizer_path)
     except FileNotFoundError as e:
         raise RefusedError(str(e)) from e
+    except (OSError, RuntimeError, ValueError) as e:  # not a SentencePiece model, or no eos id
+        raise RefusedError(f"cannot load tokenizer {tokenizer_path}: {e}; pass the .model file "
+                           f"written by data_prep/train_tokenizer.py") from e
     paths = expand_inputs(list(inputs) if not isinstance(inputs, (str, Path)) else [inputs])
     described = [describe_input(p) for p in paths]
     settings = {"text_key": text_key, "valid_fraction": valid_fraction,
@@ -123,10 +126,17 @@ def preprocess(inputs, tokenizer_path, output_dir, *, workers: int | None = None
         progress.close()
     results = {**done, **new}
     manifest = build_manifest(out_dir, described, chunks, results, settings, tokenizer, unreadable)
+    if strict and manifest["rejected"]:  # chunks completed by an earlier non-strict run
+        reason, r = next(iter(manifest["rejected"].items()))
+        ex = r["examples"][0]
+        raise StrictError(f"{ex['file']}:{ex['line']}: {reason}: {ex['detail']} ({r['count']} such records)")
     for tmp in (out_dir / "merged").glob("*.tmp*") if (out_dir / "merged").is_dir() else []:
         tmp.unlink()
-    manifest["merged"] = merge_shards(out_dir, manifest["shards"], settings["merge_bytes"],
-                                      token_dtype(tok.vocab_size))
+    merged = plan_merge(manifest["shards"], settings["merge_bytes"])
+    launch.map_tasks(merge_one, [(str(out_dir), e, settings["dtype"]) for e in merged
+                                 if not merge_complete(out_dir, e)],
+                     launcher=launcher, workers=workers, folder=out_dir / ".work" / "submitit", slurm=slurm)
+    manifest["merged"] = [{k: v for k, v in e.items() if k != "parts"} for e in merged]
     elapsed = time.time() - t0
     nbytes = sum(r["bytes"] for cid, r in new.items())
     ntokens = sum(s["tokens"] for r in new.values() for s in r["splits"].values())
@@ -136,6 +146,6 @@ def preprocess(inputs, tokenizer_path, output_dir, *, workers: int | None = None
                        "tokens": ntokens, "mb_per_s": round(nbytes / elapsed / 1e6, 3),
                        "tokens_per_s": round(ntokens / elapsed, 1), "chunks": len(chunks),
                        "chunks_resumed": len(done),
-                       "worker_cpu_s": round(sum(r["elapsed_s"] for r in new.values()), 3)}
+                       "worker_busy_s": round(sum(r["elapsed_s"] for r in new.values()), 3)}
     write_manifest(out_dir, manifest)
     return manifest

@@ -59,13 +59,15 @@ def print_summary(manifest: dict, console: Console | None = None) -> None:
         t.add_row(split, f"{s['documents']:,}", f"{s['tokens']:,}", str(s["shards"]))
     console.print(t)
     if manifest["rejected"]:
-        r = Table(title="rejected input (first examples; all counts in manifest.json)")
-        for col in ("reason", "count", "first example"):
-            r.add_column(col)
+        r = Table(title="rejected input (all examples in manifest.json)")
+        r.add_column("reason")
+        r.add_column("count", justify="right")
         for reason, v in manifest["rejected"].items():
-            ex = v["examples"][0] if v["examples"] else {}
-            r.add_row(reason, f"{v['count']:,}", f"{ex.get('file')}:{ex.get('line')}: {ex.get('detail', '')[:80]}")
+            r.add_row(reason, f"{v['count']:,}")
         console.print(r)
+        for reason, v in manifest["rejected"].items():  # plain lines: paths stay whole and greppable
+            for ex in v["examples"][:3]:
+                print(f"  {reason}: {ex['file']}:{ex['line']}: {ex['detail'][:120]}")
     run = manifest["run"]
     console.print(f"{run['bytes'] / 1e6:,.1f} MB in {run['elapsed_s']:.1f} s: {run['mb_per_s']:.2f} MB/s, "
                   f"{run['tokens_per_s'] / 1e6:.2f} M tokens/s, {run['workers']} workers ({run['launcher']}); "

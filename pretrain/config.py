@@ -277,11 +277,8 @@ def train_errors(cfg: Config, world_size: int | None) -> list[str]:
             )
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         errors.append(f"optim.lr={o.lr} and optim.min_lr={o.min_lr} need 0 <= min_lr <= lr and lr > 0")
-    decay = o.decay_steps or t.steps
-    if o.warmup_steps < 0 or o.warmup_steps > decay:
-        errors.append(
-            f"optim.warmup_steps={o.warmup_steps} must be within [0, decay_steps={decay}]: shorten the warm-up"
-        )
+    if o.warmup_steps < 0 or o.decay_steps < 0:
+        errors.append(f"optim.warmup_steps={o.warmup_steps} and decay_steps={o.decay_steps} must be >= 0")
     if o.grad_clip < 0:
         errors.append(f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
     if cfg.checkpoint.save_interval <= 0 or cfg.checkpoint.keep_last <= 0:

@@ -73,7 +73,10 @@ def preflight(cfg: Config, world_size: int, run_dir: Path) -> None:
 
 
 def validate_ppl(trainer, cfg: Config, tokens: torch.Tensor) -> dict[int, float]:
-    """Nonoverlapping perplexity at each multiple of L, windows spread over data-parallel ranks."""
+    """Nonoverlapping perplexity at each multiple of L over all full windows of `tokens`, the
+    same number in every layout. pp == 1: windows dealt round-robin to data-parallel ranks, NLL
+    sums all-reduced. pp > 1: every pipeline replica scores all windows (DeepSpeed's eval
+    schedule needs equal micro-batch counts per replica; validation is small)."""
     from megatron.core import parallel_state as ps
 
     from pretrain.evaluate import nonoverlapping_windows
@@ -82,19 +85,25 @@ def validate_ppl(trainer, cfg: Config, tokens: torch.Tensor) -> dict[int, float]
     out = {}
     for mult in cfg.validation.length_multipliers:
         length = mult * cfg.model.seq_length
-        n = (tokens.numel() - 1) // length // dp * dp  # the same window count on every rank
-        if n == 0:
+        if tokens.numel() <= length:
             continue
-        x, y = nonoverlapping_windows(tokens, length, n)  # [n, length]
-        x, y = x[dp_rank::dp], y[dp_rank::dp]
+        x, y = nonoverlapping_windows(tokens, length)  # [n, length] each
         if trainer.pp > 1:
             mean = trainer.pipeline_mean_nll([(x[i : i + 1], y[i : i + 1]) for i in range(x.shape[0])])
         else:
+            # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively):
+            # ranks short of a window repeat window 0 with weight 0.
+            per_rank = -(-x.shape[0] // dp)
+            idx = torch.arange(per_rank) * dp + dp_rank  # [per_rank]
+            weight = (idx < x.shape[0]).double()
+            idx = torch.where(idx < x.shape[0], idx, 0)
             total = torch.zeros(2, dtype=torch.float64, device=_device())
-            for i in range(0, x.shape[0], cfg.train.micro_batch_size):
-                nll = trainer.nll(x[i : i + cfg.train.micro_batch_size], y[i : i + cfg.train.micro_batch_size])
-                total[0] += nll.double().sum()
-                total[1] += nll.numel()
+            mb = cfg.train.micro_batch_size
+            for i in range(0, per_rank, mb):
+                nll = trainer.nll(x[idx[i : i + mb]], y[idx[i : i + mb]]).double()  # [b, length]
+                w = weight[i : i + mb].to(nll.device)
+                total[0] += (nll.sum(dim=1) * w).sum()
+                total[1] += w.sum() * length
             dist.all_reduce(total, group=ps.get_data_parallel_group())
             mean = float(total[0] / total[1])
         out[length] = math.exp(mean)

@@ -22,9 +22,14 @@ HOST=$(hostname -s)
 
 log() { echo "local_cluster: $*" >&2; }
 cannot() { log "$*"; exit 3; }
-pid_of() { cat "$1" 2>/dev/null; }  # pid_of PIDFILE
 running() { [[ $(ps -o stat= -p "$1" 2>/dev/null) =~ ^[^Z] ]]; }  # running PID (a zombie is not)
-alive() { local pid; pid=$(pid_of "$1") && [[ -n $pid ]] && running "$pid"; }  # alive PIDFILE
+daemon_pid() {  # daemon_pid DIR/NAME.pid: print the pid if it runs and is NAME* (not a reused pid)
+  local pid name
+  pid=$(cat "$1" 2>/dev/null) && [[ -n $pid ]] || return 1
+  name=$(basename "$1" .pid)
+  [[ $(ps -o stat=,comm= -p "$pid" 2>/dev/null) =~ ^[^Z][^[:space:]]*[[:space:]]+$name ]] && echo "$pid"
+}
+alive() { daemon_pid "$1" >/dev/null; }
 node_up() { [[ $(timeout 5 sinfo -h -n "$HOST" -o %t 2>/dev/null) =~ ^(idle|mix|alloc) ]]; }
 wait_for() {  # wait_for SECONDS WHAT COMMAND...: poll every 0.2 s
   local deadline=$((SECONDS + $1)) what=$2; shift 2
@@ -46,8 +51,14 @@ install_packages() {
   local t0=$SECONDS
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # policy-rc.d may or may not stop postinst from starting services; we start our own below anyway
-  apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
+  # keep the packages' init scripts from starting system-wide daemons (no slurm.conf yet): we start
+  # our own below. Docker-style images already have this policy; elsewhere it is set for the install.
+  local policy=/usr/sbin/policy-rc.d own_policy=""
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1
+  fi
+  apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null || { [[ -z $own_policy ]] || rm -f "$policy"; exit 1; }
+  [[ -z $own_policy ]] || rm -f "$policy"
   log "installed in $((SECONDS - t0)) s"
 }
 
@@ -156,9 +167,10 @@ stop() {
   local pidfile pid
   for pidfile in "$DIR"/run/slurmd.pid "$DIR"/run/slurmctld.pid "$DIR"/run/slurmdbd.pid \
     "$DIR"/db/mariadb.pid "$DIR"/munge/munged.pid; do
-    pid=$(pid_of "$pidfile") && [[ -n $pid ]] && kill "$pid" 2>/dev/null || continue
+    pid=$(daemon_pid "$pidfile") || continue
+    kill "$pid"
     for _ in $(seq 100); do running "$pid" || break; sleep 0.1; done
-    log "stopped $(basename "$pidfile" .pid) ($SECONDS s)"
+    log "stopped $(basename "$pidfile" .pid)"
   done
 }
 

@@ -31,23 +31,25 @@ set -uo pipefail
 
 log() { echo "[pretrain_1p3b.sh $(date -u +%FT%TZ) job $SLURM_JOB_ID] $*"; }
 
-CONFIG=${CONFIG:-configs/gpt_1p3b_alibi_L1024.yaml}
+# sbatch runs a copy of this script from its spool: find the checkout through the submitted path
+script=$(scontrol show job "$SLURM_JOB_ID" -o | grep -oP '(?<= Command=)\S+' || true)
+REPO=${REPO:-$(cd "$(dirname "${script:-$SLURM_SUBMIT_DIR/slurm/x}")/.." && pwd)}
+# relative paths are relative to the directory sbatch was called from (the job's working directory)
+CONFIG=${CONFIG:-$REPO/configs/gpt_1p3b_alibi_L1024.yaml}
 RUN_DIR=${RUN_DIR:-runs/$(basename "$CONFIG" .yaml)}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 MAX_REQUEUES=${MAX_REQUEUES:-30}
 PYTHON=${PYTHON:-python}
-# sbatch runs a copy of this script from its spool: find the checkout through the submitted path
-script=$(scontrol show job "$SLURM_JOB_ID" -o | grep -oP '(?<= Command=)\S+' || true)
-REPO=${REPO:-$(cd "$(dirname "${script:-$SLURM_SUBMIT_DIR/slurm/x}")/.." && pwd)}
 
 # Rendezvous from the allocation: rank 0 runs on the first node; the port is derived from the job id
 # (and the restart count, so that a requeued job never meets its predecessor's socket).
 first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 addr=$(scontrol show node "$first" -o | grep -oP '(?<=NodeAddr=)\S+' || true)
-export MASTER_ADDR=${MASTER_ADDR:-${addr:-$first}}
-export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000 * 4 + ${SLURM_RESTART_COUNT:-0} % 4))}
+# Always derived here: values exported from the submitting shell (--export=ALL) must not leak in.
+export MASTER_ADDR=${addr:-$first}
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000 * 4 + ${SLURM_RESTART_COUNT:-0} % 4))
 # train.py reads rank, world size and local rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID,
-# unless torchrun's RANK / WORLD_SIZE are set: never let the submitting shell's leak in.
+# unless torchrun's RANK / WORLD_SIZE are set: same reason.
 unset RANK WORLD_SIZE LOCAL_RANK
 
 # NCCL (GPU runs). Defaults that only make failures loud; fabric settings are per cluster, e.g.
@@ -80,11 +82,9 @@ trap 'forward TERM' TERM
 # One task per GPU (per process on CPU); the step runs in the background so the traps fire at once.
 srun --kill-on-bad-exit=1 "$PYTHON" "$REPO/pretrain/train.py" "${args[@]}" &
 step=$!
-while :; do
-  wait "$step"
-  status=$?
-  kill -0 "$step" 2>/dev/null || break  # wait was interrupted by a trap: the step still runs
-done
+while kill -0 "$step" 2>/dev/null; do wait "$step"; done  # a trap interrupts `wait`: wait again
+wait "$step"  # bash keeps the exit status of a finished background job
+status=$?
 log "training step exited with status $status"
 
 if [[ $signalled == USR1 ]]; then
@@ -95,7 +95,8 @@ if [[ $signalled == USR1 ]]; then
     log "not requeueing: already restarted $restarts times (MAX_REQUEUES=$MAX_REQUEUES); resubmit by hand to go on"
     status=1
   else
-    log "checkpoint saved: requeueing (restart $((restarts + 1)) of at most $MAX_REQUEUES)"
+    log "checkpoint saved: requeueing (restart $((restarts + 1)) of at most $MAX_REQUEUES);" \
+      "a 'CANCELLED ... DUE TO JOB REQUEUE' line from slurmstepd may follow: expected"
     scontrol requeue "$SLURM_JOB_ID" ||
       { log "requeue refused (--no-requeue or JobRequeue=0?): submit the same command again to resume"; status=1; }
   fi

@@ -52,14 +52,15 @@ def build_data(out: Path, s: Settings) -> tuple[Path, Path]:
 
     t = stage("corpus, tokenizer, preprocess")
     corpus = out / "corpus"
-    if not corpus.is_dir():
+    if not (corpus / ".complete").is_file():  # a marker: an interrupted build is redone
         build_default_corpus(corpus, max_mb=s.corpus_mb)
+        (corpus / ".complete").touch()
     tok = out / "tokenizer" / "tok.model"
     if not tok.is_file():
-        train_tokenizer([corpus], s.vocab, tok.with_suffix(""), sample_mb=2 * s.corpus_mb)
+        train_tokenizer(sorted(corpus.glob("default.*")), s.vocab, tok.with_suffix(""), sample_mb=2 * s.corpus_mb)
     data = out / "data"
     if not (data / "manifest.json").is_file():
-        m = preprocess([corpus], tok, data, valid_fraction=0.05, quiet=True)
+        m = preprocess(sorted(corpus.glob("default.*")), tok, data, valid_fraction=0.05, quiet=True)
         print(f"tokens: train {m['splits']['train']['tokens']}, valid {m['splits']['valid']['tokens']}")
     print(f"done in {time.time() - t:.0f} s: {data}")
     return tok, data

@@ -24,6 +24,10 @@ REPO = Path(__file__).resolve().parents[2]
 def test_refusals(corpus, tokenizer_model, tmp_path):
     with pytest.raises(RefusedError, match="does not exist; train one"):
         preprocess(corpus, tmp_path / "nope.model", tmp_path / "o1", quiet=True)
+    junk = tmp_path / "junk.model"
+    junk.write_text("not a model")
+    with pytest.raises(RefusedError, match="cannot load tokenizer"):
+        preprocess(corpus, junk, tmp_path / "o0", quiet=True)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(RefusedError, match="cannot write to output directory"):

@@ -59,7 +59,9 @@ class Slurm:
 @pytest.fixture(scope="session")
 def slurm():
     """Start the cluster (idempotent) and yield a client; stop it again if this session started it."""
-    env = dict(os.environ)
+    # jobs run with --export=ALL: leave out what an in-process distributed test may have set
+    leaked = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in leaked}
     was_up = subprocess.run([str(SCRIPT), "status"], env=env, capture_output=True).returncode == 0
     t0 = time.monotonic()
     out = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300)

@@ -43,8 +43,13 @@ def test_slurm_submitit_launcher_is_byte_identical(slurm, corpus_and_tokenizer, 
                           *preprocess_args(corpus, tok, tmp_path)],
                          cwd=REPO, env=slurm.env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    tasks = [t for t in array_tasks(slurm, "preprocess") if t not in before]
-    assert len(tasks) == 2 and all(t.endswith("|COMPLETED") for t in tasks), tasks  # really ran on SLURM
+    deadline = time.monotonic() + 20  # accounting records the end a moment after the result file
+    while True:  # the two array tasks really ran on SLURM
+        tasks = [t for t in array_tasks(slurm, "preprocess") if t not in before]
+        if len(tasks) == 2 and all(t.endswith("|COMPLETED") for t in tasks) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(tasks) == 2 and all(t.endswith("|COMPLETED") for t in tasks), tasks
     assert output_bytes(tmp_path) == output_bytes(local_data)
     assert manifest(tmp_path) == manifest(local_data)
 

@@ -1,9 +1,10 @@
 """compare_runs.py benchmark mode on CPU (tiny configs, ALiBi at L and sinusoidal at 2L with equal
-tokens per step), and the HF export of a checkpoint trained with tensor parallelism (TP=2, two
-gloo processes): HF logits equal our model's, and HF perplexity equals what the TP=2 model
-itself logged for validation."""
+tokens per step), and the HF export of checkpoints trained with tensor or pipeline parallelism
+(TP=2 or PP=2, two gloo processes): HF logits equal our model's, and HF perplexity equals what
+the parallel model itself logged for validation."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,20 +44,30 @@ def test_benchmark_mode_table_json_and_chart(quick_job, tmp_path):
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
 
 
-def test_tp2_trained_checkpoint_exports_exactly(quick_job, tmp_path):
+@pytest.mark.parametrize("layout", ["--tp", "--pp"])
+def test_tp2_or_pp2_trained_checkpoint_exports_exactly(quick_job, tmp_path, layout):
     out, _ = quick_job
-    run = tmp_path / "tp2"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
-           str(ROOT / "pretrain" / "train.py"), "--config", str(ROOT / "configs" / "tiny_alibi.yaml"),
-           "--tp", "2", "--run-dir", str(run), "--data", str(out / "data"), "--steps", "3", "--log-interval", "1",
-           "train.global_batch_size=4", "train.micro_batch_size=4", "optim.lr=3e-3", "optim.warmup_steps=1",
-           "validation.interval=3", "validation.length_multipliers=[1,4]", "validation.tokens=2048",
-           "wandb.enabled=false"]
-    env = child_env(OMP_NUM_THREADS="1")
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env, timeout=600)
+    run = tmp_path / "run"
+    argv = [str(ROOT / "pretrain" / "train.py"), "--config", str(ROOT / "configs" / "tiny_alibi.yaml"),
+            layout, "2", "--run-dir", str(run), "--data", str(out / "data"), "--steps", "3", "--log-interval", "1",
+            "train.global_batch_size=4", "train.micro_batch_size=4", "optim.lr=3e-3", "optim.warmup_steps=1",
+            "validation.interval=3", "validation.length_multipliers=[1,4]", "validation.tokens=2048",
+            "wandb.enabled=false"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=child_env(  # what torchrun sets, per rank
+        RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1")) for r in range(2)]
+    try:
+        assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
 
     cfg, sd = load_consolidated(run)
-    assert cfg.parallel.tensor_parallel == 2
+    assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel) == ((2, 1) if layout == "--tp" else (1, 2))
     hf = megatron_to_hf(cfg, sd, max_positions=4 * 64).eval()
     init_model_parallel(tp=1)
     ours = build_model(cfg.model).eval()

@@ -54,7 +54,7 @@ def test_eval_cli_sliding_stride_L_equals_nonoverlapping(quick_job, tmp_path):
     args = ["--checkpoint", str(out / "runs" / "sinusoidal"), str(out / "hf" / "alibi"), "--data", str(out / "data"),
             "--lengths", "64,128", "--batch-size", "3"]
     eval_main(args + ["--output", str(tmp_path / "n")])
-    eval_main(args + ["--method", "sliding", "--stride", "128", "--output", str(tmp_path / "s128")])
+    eval_main(args + ["--method", "sliding", "--stride", "128", "--output", str(tmp_path / "s128"), "--lengths", "128"])
     eval_main(args + ["--method", "sliding", "--stride", "32", "--output", str(tmp_path / "s32"), "--lengths", "128"])
     non = json.loads((tmp_path / "n" / "results.json").read_text())
     s128 = {(r["model"], r["length"]): r for r in json.loads((tmp_path / "s128" / "results.json").read_text())}

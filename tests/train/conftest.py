@@ -34,6 +34,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_ranks():
+    """A failing test must not leave ranks running on the shared cores."""
+    yield
+    while STARTED:
+        p = STARTED.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def launch(argv: list[str], world_size: int, env_extra: dict | None = None, **popen) -> list[subprocess.Popen]:
     """Start `world_size` ranks of `python argv...` the way torchrun would (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT), without torchrun's own start-up cost."""
@@ -44,8 +58,17 @@ def launch(argv: list[str], world_size: int, env_extra: dict | None = None, **po
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", WANDB_MODE="offline",
                    OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env_extra or {}))
         procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=REPO, **popen))
+    STARTED.extend(procs)
     return procs
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
-    return [p.wait(timeout=timeout) for p in procs]
+    """Exit codes of all `procs`; on a timeout (a hang) every one of them is killed first."""
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+        raise

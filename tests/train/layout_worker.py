@@ -1,5 +1,5 @@
 """One rank of the layout-equivalence test: trains the tiny config for 5 steps in each layout
-given on the command line (tp,pp,zero), in one process group, and writes the losses and a
+given on the command line (tp,pp,zero[,activation checkpointing 0/1]), in one process group, and writes the losses and a
 checkpoint per layout. Run by tests/train/test_train_layouts.py."""
 
 import gc
@@ -11,37 +11,40 @@ from pathlib import Path
 import torch
 
 out_dir, data_dir, config = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-layouts = [tuple(int(v) for v in s.split(",")) for s in sys.argv[4:]]
+layouts = [tuple(int(v) for v in (s + ",0").split(",")[:4]) for s in sys.argv[4:]]
 
 from megatron.core import parallel_state as ps  # noqa: E402
 
 from pretrain.checkpoint import save_checkpoint  # noqa: E402
 from pretrain.config import DataSource, load_config  # noqa: E402
-from pretrain.data import BatchReader, build_train_dataset, tokenizer_info  # noqa: E402
+from pretrain.data import BatchReader, build_train_dataset, tokenizer_info, validation_tokens  # noqa: E402
+from pretrain.loop import validate_ppl  # noqa: E402
 from pretrain.engine import Trainer  # noqa: E402
 from pretrain.model import init_model_parallel  # noqa: E402
 from pretrain.schedule import lr_at  # noqa: E402
 
 STEPS = 5
 results = {}
-for tp, pp, zero in layouts:
+for tp, pp, zero, recompute in layouts:
     cfg = load_config(config, ["train.steps=5", "train.global_batch_size=4", "train.micro_batch_size=1",
                                "optim.warmup_steps=1", "optim.lr=3.0e-3", "optim.grad_clip=1.0",
                                f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}",
-                               f"parallel.zero_stage={zero}"])
+                               f"parallel.zero_stage={zero}", f"train.activation_checkpointing={bool(recompute)}"])
     cfg.data.sources = [DataSource(path=data_dir)]
     world = int(os.environ.get("WORLD_SIZE", 1))
     cfg.validate(world)
     init_model_parallel(tp, pp, seed=cfg.train.seed)
     trainer = Trainer(cfg, world)
     reader = BatchReader(build_train_dataset(cfg), cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-    name = f"tp{tp}_pp{pp}_z{zero}_w{world}"
+    name = f"tp{tp}_pp{pp}_z{zero}_w{world}" + ("_recompute" if recompute else "")
     losses = [trainer.train_step(reader.micro_batches(s), lr_at(s, cfg.optim, STEPS)).loss for s in range(STEPS)]
+    cfg.validation.tokens, cfg.validation.length_multipliers = 2048, [1, 2, 4]
+    ppl = validate_ppl(trainer, cfg, validation_tokens(cfg, cfg.validation.tokens))
     save_checkpoint(trainer, out_dir / name, STEPS, {}, tokenizer_info(cfg))
     if world == 1 and pp == 1:  # the single-process model's own state dict, for load_consolidated
         torch.save({k: v for k, v in trainer.gpt.state_dict().items() if "_extra_state" not in k},
                    out_dir / f"{name}_state_dict.pt")
-    results[name] = losses
+    results[name] = {"losses": losses, "ppl": ppl}
     del trainer, reader
     gc.collect()
 

@@ -39,14 +39,14 @@ def test_train_dry_run_1p3b_on_128_gpus(path, capsys):
 
 def test_train_dry_run_broken_layout_lists_every_error(capsys):
     code = main(["--config", str(BIG[0]), "--dry-run", "--world-size", "96", "--tp", "3", "--pp", "4",
-                 "--zero-stage", "2", "--micro-batch", "7", "optim.warmup_steps=60000"])
+                 "--zero-stage", "2", "--micro-batch", "7", "optim.min_lr=1.0"])
     assert code == 2
     err = capsys.readouterr().err
     for needle in ("num_attention_heads=16 is not divisible by tensor_parallel=3",
                    "num_layers=25 is not divisible by pipeline_parallel=4",
                    "zero_stage=2 with pipeline_parallel=4",
                    "global_batch_size=1024 is not divisible by micro_batch_size x data_parallel = 7 x 8",
-                   "optim.warmup_steps=60000"):
+                   "optim.lr=0.0002 and optim.min_lr=1.0 need 0 <= min_lr <= lr"):
         assert needle in err, needle
     assert main(["--config", str(BIG[0]), "--dry-run", "--world-size", "100", "--tp", "8"]) == 2
     assert "world size 100 is not divisible by tensor_parallel x pipeline_parallel = 8" in capsys.readouterr().err
@@ -149,3 +149,17 @@ def test_train_benchmark_cpu_smoke(tmp_path, capsys):
     assert r["tokens_per_s"] == pytest.approx(8 * 64 / r["step_time_s"])
     assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 989.0)
     assert "tokens/s/GPU" in capsys.readouterr().out
+
+
+def test_train_reads_torchrun_slurm_or_no_launcher():
+    from pretrain.parallel import read_env
+
+    torchrun = read_env({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"})
+    assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.master_addr) == (5, 8, 1, "n1")
+    srun = read_env({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "MASTER_ADDR": "n2",
+                     "MASTER_PORT": "12345"})
+    assert (srun.rank, srun.world_size, srun.local_rank, srun.master_port) == (9, 16, 1, 12345)
+    alone = read_env({})
+    assert (alone.rank, alone.world_size) == (0, 1) and alone.master_port > 0
+    with pytest.raises(RuntimeError, match="MASTER_PORT is not set"):
+        read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})

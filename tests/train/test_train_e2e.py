@@ -73,7 +73,7 @@ def wandb_history(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    assert wait_all(train(run_dir, tiny_data), timeout=600) == [0, 0]
+    assert wait_all(train(run_dir, tiny_data), timeout=400) == [0, 0]
     return run_dir
 
 
@@ -118,7 +118,7 @@ def test_train_sigterm_then_resume_matches_uninterrupted(uninterrupted, tiny_dat
     k = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 4 <= k < STEPS, f"stopped at step {k}"
 
-    assert wait_all(train(run_dir, tiny_data, extra=["--save-interval", "1000"]), timeout=600) == [0, 0]
+    assert wait_all(train(run_dir, tiny_data, extra=["--save-interval", "1000"]), timeout=400) == [0, 0]
     ref, got = records(uninterrupted), records(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in range(k + 1, STEPS + 1):
@@ -147,6 +147,8 @@ def test_train_refuses_another_tokenizer(uninterrupted):
 
 
 def test_train_truncated_latest_falls_back(uninterrupted, tmp_path, capsys):
+    kept = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
+    assert kept == ["latest", "step_00000020", "step_00000030"]  # keep_last 2, no partial .tmp_* left
     run_dir = tmp_path / "copy"
     shutil.copytree(uninterrupted / "checkpoints", run_dir / "checkpoints")
     assert checkpoint.find_checkpoint(run_dir)[0].name == "step_00000030"
@@ -174,3 +176,21 @@ def test_train_stops_after_k_nonfinite_losses(tiny_data, tmp_path):
     _, state = checkpoint.load_consolidated(run_dir)  # the stop wrote a checkpoint; skipped steps left it finite
     assert checkpoint.find_checkpoint(run_dir)[1]["step"] == 4
     assert all(bool(v.isfinite().all()) for v in state.values())
+
+
+def test_train_data_blend_is_deterministic_and_weighted(tiny_data):
+    """Two sources (the same shards twice, weights 1:3) through megatron-core's blended builder:
+    the requested number of samples, the same samples on every build, drawn ~1:3."""
+    import numpy as np
+
+    from pretrain.config import DataSource, load_config
+    from pretrain.data import build_train_dataset
+
+    cfg = load_config(TINY, ["train.steps=50", "train.global_batch_size=8"])
+    cfg.data.sources = [DataSource(path=str(tiny_data), weight=1.0), DataSource(path=str(tiny_data), weight=3.0)]
+    a, b = build_train_dataset(cfg), build_train_dataset(cfg)
+    assert len(a) == 400
+    for i in (0, 7, 399):
+        assert np.array_equal(a[i]["tokens"], b[i]["tokens"]) and a[i]["tokens"].shape == (64,)
+    share = np.bincount(a.dataset_index, minlength=2) / len(a)
+    assert share[1] == pytest.approx(0.75, abs=0.02)

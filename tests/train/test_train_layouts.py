@@ -1,5 +1,6 @@
 """Layout equivalence: the first 5 losses of dp=2 ZeRO-1/2/3, tp=2 and pp=2 (gloo, 2 processes)
-and tp=2 x pp=2 (4 processes) equal the single-process run within 1e-5 (fp32), and every
+and tp=2 x pp=2 (4 processes) equal the single-process run within 1e-5 (fp32), so do the validation perplexities at L, 2L,
+4L, and every
 layout's checkpoint consolidates
 to the same TP=1/PP=1 state dict, which for the single process is the model's own state dict."""
 
@@ -24,21 +25,25 @@ LAYOUTS_2 = ["1,1,1", "1,1,2", "1,1,3", "2,1,1", "1,2,1"]  # tp,pp,zero on 2 ran
 @pytest.mark.slow
 def test_train_layouts_match_single_process(tiny_data, tmp_path):
     # the single-process reference (ZeRO-0 and ZeRO-1) runs beside the 2-rank group
-    single = launch([WORKER, str(tmp_path), str(tiny_data), str(TINY), "1,1,0", "1,1,1"], 1)
+    # (and with activation recomputation, which must not change the numbers)
+    single = launch([WORKER, str(tmp_path), str(tiny_data), str(TINY), "1,1,0", "1,1,1", "1,1,1,1"], 1)
     group = launch([WORKER, str(tmp_path), str(tiny_data), str(TINY), *LAYOUTS_2], 2)
     group4 = launch([WORKER, str(tmp_path), str(tiny_data), str(TINY), "2,2,1"], 4)
-    assert wait_all(single + group + group4, timeout=600) == [0] * 7
+    assert wait_all(single + group + group4, timeout=400) == [0] * 7
 
     ref = json.loads((tmp_path / "losses_w1.json").read_text())
     losses = {**ref, **json.loads((tmp_path / "losses_w2.json").read_text()),
               **json.loads((tmp_path / "losses_w4.json").read_text())}
-    assert len(losses) == 2 + len(LAYOUTS_2) + 1
-    base = ref["tp1_pp1_z0_w1"]
+    assert len(losses) == 3 + len(LAYOUTS_2) + 1
+    base, base_ppl = ref["tp1_pp1_z0_w1"]["losses"], ref["tp1_pp1_z0_w1"]["ppl"]
     assert base[-1] < base[0] - 0.3, f"the tiny model should learn in 5 steps: {base}"
+    assert sorted(base_ppl, key=int) == ["64", "128", "256"]
     for name, got in losses.items():
-        assert len(got) == 5
-        diff = max(abs(a - b) for a, b in zip(got, base))
-        assert diff < 1e-5, f"{name}: losses {got} differ from single process {base} by {diff:.2e}"
+        assert len(got["losses"]) == 5
+        diff = max(abs(a - b) for a, b in zip(got["losses"], base))
+        assert diff < 1e-5, f"{name}: losses {got['losses']} differ from single process {base} by {diff:.2e}"
+        for length, ppl in base_ppl.items():
+            assert got["ppl"][length] == pytest.approx(ppl, rel=1e-5), f"{name}: validation ppl at {length}"
 
     # checkpoints: every layout merges to the single-process model
     own = torch.load(tmp_path / "tp1_pp1_z0_w1_state_dict.pt")
