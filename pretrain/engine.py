@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import deepspeed
@@ -150,7 +150,7 @@ class GPTWithLoss(torch.nn.Module):
 class GPTStage(torch.nn.Module):
     """pp > 1: this rank's pipeline stage of the GPT. Inputs: (tokens, position_ids) on the first
     stage, hidden states [s, b, h] after it; output: hidden [s, b, h], or logits [b, s, V/tp] on
-    the last stage (the loss is `pipeline_loss`, which DeepSpeed calls with the labels)."""
+    the last stage (the loss is `_pipeline_loss`, which DeepSpeed calls with the labels)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -172,7 +172,6 @@ class StepState:
 
     bad: bool = False
     skipped: bool = False
-    nll_sum: list = field(default_factory=list)
 
 
 def _pipeline_loss(state: StepState):

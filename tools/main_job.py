@@ -28,7 +28,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output", type=Path, default=Path("outputs/main_job"))
     ap.add_argument("--quick", action="store_true", help="small corpus, few steps: checks the path, not the result")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per model (default 400; --quick 16)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per model (default 1000; --quick 16)")
     ap.add_argument("--fresh", action="store_true", help="delete OUTPUT first instead of reusing finished stages")
     args = ap.parse_args(argv)
     s = mp.QUICK if args.quick else mp.FULL
@@ -47,8 +47,9 @@ def main(argv=None) -> dict:
                                       "sinusoidal": runs["sinusoidal"]}, s)
     table = mp.comparison_table(records, runs)
     (out / "comparison.md").write_text(
-        f"Tiny models (2 layers, d 128) trained at L={s.seq_length} for {s.steps} steps; validation perplexity, "
-        "nonoverlapping windows, same tokens at every length.\n\n" + table)
+        f"Tiny models (2 layers, d 128) trained at L={s.seq_length} for {s.steps} steps (side by side, one CPU thread "
+        "each; train s = summed step time); validation perplexity, nonoverlapping windows over the same token "
+        "stream at every length (tokens scored per length: eval/results.json).\n\n" + table)
     summary = {"wall_s": round(time.time() - t0, 1), "settings": s.__dict__, "results": records,
                "figure": str(out / "eval" / "extrapolation.png"), "table": str(out / "comparison.md"),
                "hf_model": str(hf), "runs": {k: str(v) for k, v in runs.items()}}

@@ -34,7 +34,7 @@ class Settings:
     vocab: int = 4096
 
 
-FULL = Settings(corpus_mb=4.0, steps=400, length_multipliers=(1, 2, 4, 8, 16), eval_tokens=32768)
+FULL = Settings(corpus_mb=5.0, steps=1000, length_multipliers=(1, 2, 4, 8, 16), eval_tokens=32768)
 QUICK = Settings(corpus_mb=1.0, steps=16, length_multipliers=(1, 2, 8), eval_tokens=2048, global_batch=8, warmup=4)
 MODELS = {"alibi": "configs/tiny_alibi.yaml", "sinusoidal": "configs/tiny_sinusoidal.yaml"}
 
