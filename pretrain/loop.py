@@ -7,7 +7,6 @@ checkpoint.py (save/resume), metrics.py (records) and evaluate.py (perplexity).
 from __future__ import annotations
 
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -17,35 +16,11 @@ import yaml
 
 from pretrain.config import Config, ConfigError, to_dict
 from pretrain.parallel import DistEnv
+from pretrain.stop import StopRequest, accelerator_device
 
 
 class TrainingError(RuntimeError):
     """The run cannot continue (e.g. K non-finite losses in a row); a checkpoint was written."""
-
-
-class StopRequest:
-    """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM (preemption, scancel): finish
-    the current step, checkpoint, exit 0 so the sbatch script can requeue."""
-
-    def __init__(self):
-        self.signum = 0
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def agreed(self) -> int:
-        """The signal any rank received (all ranks see the same answer: one tiny all-reduce)."""
-        flag = torch.tensor([self.signum], dtype=torch.int64, device=_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
-
-
-def _device() -> str:
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().current_device_name()
 
 
 def preflight(cfg: Config, world_size: int, run_dir: Path) -> None:
@@ -97,7 +72,7 @@ def validate_ppl(trainer, cfg: Config, tokens: torch.Tensor) -> dict[int, float]
             idx = torch.arange(per_rank) * dp + dp_rank  # [per_rank]
             weight = (idx < x.shape[0]).double()
             idx = torch.where(idx < x.shape[0], idx, 0)
-            total = torch.zeros(2, dtype=torch.float64, device=_device())
+            total = torch.zeros(2, dtype=torch.float64, device=accelerator_device())
             mb = cfg.train.micro_batch_size
             for i in range(0, per_rank, mb):
                 nll = trainer.nll(x[idx[i : i + mb]], y[idx[i : i + mb]]).double()  # [b, length]
@@ -111,7 +86,7 @@ def validate_ppl(trainer, cfg: Config, tokens: torch.Tensor) -> dict[int, float]
     return out
 
 
-def train(cfg: Config, run_dir: Path, env: DistEnv) -> int:
+def train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest | None = None) -> int:
     from megatron.core import parallel_state as ps
 
     from pretrain import checkpoint, data
@@ -122,7 +97,7 @@ def train(cfg: Config, run_dir: Path, env: DistEnv) -> int:
 
     preflight(cfg, env.world_size, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    stop = StopRequest()
+    stop = stop or StopRequest()
     init_distributed(env, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed)
     if env.rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

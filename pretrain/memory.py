@@ -13,6 +13,7 @@ plus one layer's working set. A pipeline stage holds up to `pp` micro-batches in
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from pretrain.config import Config
@@ -56,6 +57,11 @@ class MemoryEstimate:
             ("activations", f"{self.activations_gb:8.2f} GiB"),
             ("total per GPU", f"{self.total_gb:8.2f} GiB of {cfg.hardware.gpu_memory_gb:g} GiB"),
         ]
+        other = []
+        for stage in (0, 1, 2, 3) if p.pipeline_parallel == 1 else (0, 1):
+            alt = dataclasses.replace(cfg, parallel=dataclasses.replace(p, zero_stage=stage))
+            other.append(f"ZeRO-{stage} {estimate_memory(alt, self.world_size).total_gb:.1f}")
+        rows.append(("total by ZeRO stage", " | ".join(other) + " GiB"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -43,8 +43,14 @@ def read_env(environ: dict[str, str] | None = None) -> DistEnv:
     else:
         rank, world, local = 0, 1, 0
     addr = env.get("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" in env:
-        port = int(env["MASTER_PORT"])
+    if "MASTER_PORT" in env and (int(env["MASTER_PORT"]) or world == 1):
+        port = int(env["MASTER_PORT"]) or _free_port()
+    elif "MASTER_PORT" in env:
+        raise RuntimeError(
+            f"rank {rank} of {world}: MASTER_PORT=0 names no port, so the ranks cannot meet (they would "
+            "wait 30 min to connect); launch with `torchrun --standalone` or `--master-port N`, or export "
+            "a free MASTER_PORT"
+        )
     elif world == 1:
         port = _free_port()
     else:

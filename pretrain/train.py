@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make `pretrain` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pretrain.config import Config, ConfigError, DataSource, load_config  # noqa: E402
+from pretrain.stop import StopRequest  # noqa: E402
 
 FLAGS = {  # flag -> config path
     "steps": "train.steps", "tp": "parallel.tensor_parallel", "pp": "parallel.pipeline_parallel",
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world-size", type=int, default=None, help="--dry-run: GPUs to plan for (default: launcher's)")
     ap.add_argument("overrides", nargs="*", help="key.path=value (YAML value)")
     args = ap.parse_args(argv)
+    stop = None if args.dry_run else StopRequest()  # before the slow imports: no signal is lost
 
     from pretrain.parallel import read_env
 
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_dir = Path(args.run_dir or Path("outputs") / Path(args.config).stem)
         try:
-            return train(cfg, run_dir, env)
+            return train(cfg, run_dir, env, stop)
         except TrainingError as e:
             print(f"train.py: {e}", file=sys.stderr)
             return 1

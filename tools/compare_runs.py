@@ -87,4 +87,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message says what to change
+        sys.exit(f"compare_runs.py: error: {e}")

@@ -80,4 +80,7 @@ def main(argv=None) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message says what to change
+        sys.exit(f"eval_extrapolation.py: error: {e}")

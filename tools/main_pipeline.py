@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tools.launch import ROOT, child_env, train_cmd
+from tools.runs import read_run
 
 
 @dataclass(frozen=True)
@@ -139,12 +140,9 @@ def comparison_table(records: list[dict], runs: dict[str, Path]) -> str:
         ppl = {r["length"]: r["ppl"] for r in records if r["model"] == model}
         train_l = next(r["train_length"] for r in records if r["model"] == model)
         secs = ""
-        if model in runs and (runs[model] / "metrics.jsonl").is_file():
-            recs = [json.loads(x) for x in (runs[model] / "metrics.jsonl").read_text().splitlines() if x.strip()]
-            prev, total = 0, 0.0
-            for r in (r for r in recs if "loss" in r):
-                total, prev = total + r["step_time_s"] * (r["step"] - prev), r["step"]
-            secs = f"{total:.0f}"
+        if model in runs:  # summed training step time, as compare_runs.py counts it
+            run = read_run(runs[model])
+            secs = f"{3600 * run.hours[run.train[-1]['step']]:.0f}"
         rows.append(f"| {model} | {train_l} | " + " | ".join(f"{ppl[n]:.2f}" for n in lengths)
                     + f" | {ppl[max(lengths)] / ppl[train_l]:.2f}x | {secs} |\n")
     return head + "".join(rows)

@@ -5,9 +5,11 @@ Both methods cut the stream into windows of `length` input tokens; window `k` re
 - nonoverlapping: s_k = k * length, every prediction scored once (ALiBi paper, Sec. 2-4).
 - sliding (stride S <= length): s_k = k * S; the first window scores all its predictions, later
   windows only their last S, so every scored token sees >= length - S tokens of context.
-  With S = length the two methods are the same computation. With S = 1 the "early token curse"
+  With S = length both score the same windows and tokens. With S = 1 the "early token curse"
   vanishes and so does much of the extrapolation gain (paper App. B): always name method and stride.
 The tail that does not fill a whole window is not scored; `tokens` in the result says how many were.
+Nonoverlapping windows come from `pretrain.evaluate`, the definition training-time validation uses,
+so a checkpoint's logged val/ppl_at_<n> and this tool agree.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ layouts = [tuple(int(v) for v in (s + ",0").split(",")[:4]) for s in sys.argv[4:
 
 from megatron.core import parallel_state as ps  # noqa: E402
 
-from pretrain.checkpoint import save_checkpoint  # noqa: E402
+from pretrain.checkpoint import resume, save_checkpoint  # noqa: E402
 from pretrain.config import DataSource, load_config  # noqa: E402
 from pretrain.data import BatchReader, build_train_dataset, tokenizer_info, validation_tokens  # noqa: E402
 from pretrain.loop import validate_ppl  # noqa: E402
@@ -44,7 +44,15 @@ for tp, pp, zero, recompute in layouts:
     if world == 1 and pp == 1:  # the single-process model's own state dict, for load_consolidated
         torch.save({k: v for k, v in trainer.gpt.state_dict().items() if "_extra_state" not in k},
                    out_dir / f"{name}_state_dict.pt")
-    results[name] = {"losses": losses, "ppl": ppl}
+    # resume: steps 6-7 of a fresh engine loaded from the checkpoint == steps 6-7 continued
+    continued = [trainer.train_step(reader.micro_batches(s), lr_at(s, cfg.optim, STEPS)).loss for s in (5, 6)]
+    del trainer
+    gc.collect()
+    trainer = Trainer(cfg, world)
+    meta = resume(trainer, out_dir / name, tokenizer_info(cfg))
+    assert meta["step"] == STEPS and meta["consumed_samples"] == STEPS * 4, meta
+    resumed = [trainer.train_step(reader.micro_batches(s), lr_at(s, cfg.optim, STEPS)).loss for s in (5, 6)]
+    results[name] = {"losses": losses, "ppl": ppl, "continued": continued, "resumed": resumed}
     del trainer, reader
     gc.collect()
 

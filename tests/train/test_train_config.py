@@ -163,3 +163,5 @@ def test_train_reads_torchrun_slurm_or_no_launcher():
     assert (alone.rank, alone.world_size) == (0, 1) and alone.master_port > 0
     with pytest.raises(RuntimeError, match="MASTER_PORT is not set"):
         read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    with pytest.raises(RuntimeError, match="MASTER_PORT=0 names no port"):
+        read_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "0"})

@@ -1,8 +1,9 @@
-"""Layout equivalence: the first 5 losses of dp=2 ZeRO-1/2/3, tp=2 and pp=2 (gloo, 2 processes)
-and tp=2 x pp=2 (4 processes) equal the single-process run within 1e-5 (fp32), so do the validation perplexities at L, 2L,
-4L, and every
-layout's checkpoint consolidates
-to the same TP=1/PP=1 state dict, which for the single process is the model's own state dict."""
+"""Layout equivalence. dp=2 with ZeRO-1/2/3, tp=2, pp=2 (gloo, 2 processes) and tp=2 x pp=2
+(4 processes) give the single-process run's first 5 losses within 1e-5 (fp32) and its
+validation perplexities at L, 2L, 4L; in every layout a fresh engine resumed from the
+checkpoint continues with exactly the losses of the uninterrupted engine; every layout's
+checkpoint consolidates to the same TP=1/PP=1 state dict, which for the single process is the
+model's own state dict."""
 
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def test_train_layouts_match_single_process(tiny_data, tmp_path):
         assert diff < 1e-5, f"{name}: losses {got['losses']} differ from single process {base} by {diff:.2e}"
         for length, ppl in base_ppl.items():
             assert got["ppl"][length] == pytest.approx(ppl, rel=1e-5), f"{name}: validation ppl at {length}"
+        # a fresh engine resumed from the step-5 checkpoint continues exactly (optimizer state
+        # restored in this layout's own sharding)
+        assert got["resumed"] == got["continued"], f"{name}: resumed {got['resumed']} != {got['continued']}"
 
     # checkpoints: every layout merges to the single-process model
     own = torch.load(tmp_path / "tp1_pp1_z0_w1_state_dict.pt")
