@@ -1,7 +1,8 @@
 """Launchers: run chunk tasks as local processes, or as a SLURM job array through submitit
 (`slurm`; `submitit-local` runs the same code path under submitit's LocalExecutor for tests).
 
-Local: a fork pool (workers inherit the imported modules), biggest chunks first; workers post
+Local: a fork process pool (workers inherit the imported modules), biggest chunks first; a
+worker that dies (OOM killer) fails the run with a resume hint instead of hanging it; workers post
 (bytes, tokens) per batch on a queue for the progress bar; the coordinator only waits.
 submitit: the pending chunks are dealt round-robin to `tasks` array tasks; each task runs the
 local pool on its own cores; the coordinator polls the chunks' result files for progress.
@@ -15,11 +16,17 @@ import os
 import queue as queue_mod
 import signal
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from data_prep.worker import done_path, indexed_dataset, load_done, run_chunk
 
 _QUEUE = None
+
+
+class WorkerDiedError(RuntimeError):
+    """A pool worker was killed (e.g. by the OOM killer)."""
 
 
 def _init_worker(q) -> None:
@@ -48,29 +55,33 @@ def run_local(chunks: list[dict], cfg: dict, workers: int, progress=None) -> dic
         return results
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    errors: list[BaseException] = []
-    with ctx.Pool(min(workers, len(chunks)), initializer=_init_worker, initargs=(q,)) as pool:
-        pending = {c["id"]: pool.apply_async(_pool_task, (c, cfg), error_callback=errors.append) for c in order}
-        while pending and not errors:
-            try:
-                b, t = q.get(timeout=0.2)
-                if progress:
-                    progress.advance(b, t)
-            except queue_mod.Empty:
-                pass
-            for cid in [cid for cid, r in pending.items() if r.ready()]:
-                r = pending.pop(cid)
-                if r.successful():
-                    results[cid] = r.get()
-        if errors:
-            pool.terminate()
-            raise errors[0]
-        while progress:  # drain the last messages
-            try:
-                progress.advance(*q.get_nowait())
-            except queue_mod.Empty:
-                break
+    n = min(workers, len(chunks))
+    with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as pool:
+        futures = {pool.submit(_pool_task, c, cfg): c["id"] for c in order}
+        try:
+            while futures:
+                done, _ = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
+                _drain(q, progress)
+                for f in done:
+                    results[futures.pop(f)] = f.result()  # re-raises a worker's error here
+        except BrokenProcessPool as e:
+            raise WorkerDiedError("a worker process died (killed, or out of memory?); completed chunks are "
+                               "kept: run the same command again to resume") from e
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # running chunks end, queued ones never start
+            raise
+    _drain(q, progress)
     return results
+
+
+def _drain(q, progress) -> None:
+    while True:
+        try:
+            b, t = q.get_nowait()
+        except queue_mod.Empty:
+            return
+        if progress:
+            progress.advance(b, t)
 
 
 def map_tasks(fn, args_list: list[tuple], *, launcher: str, workers: int, folder: Path,
