@@ -23,6 +23,12 @@ from pathlib import Path
 from data_prep.worker import done_path, indexed_dataset, load_done, run_chunk
 
 _QUEUE = None
+# how long an unfinished task may be absent from squeue before it counts as lost
+LOST_GRACE_S = float(os.environ.get("PREPROCESS_LOST_GRACE_S", 60))
+
+
+class TaskLostError(RuntimeError):
+    """A SLURM array task left the queue without a final state submitit can read."""
 
 
 class WorkerDiedError(RuntimeError):
@@ -113,6 +119,28 @@ def run_group(chunks: list[dict], cfg: dict, workers: int) -> list[str]:
     return sorted(run_local(chunks, cfg, n))
 
 
+def _lost_tasks(jobs, missing_since: dict, grace_s: float = LOST_GRACE_S) -> list:
+    """Unfinished tasks absent from `squeue` for over `grace_s`. A task cancelled while pending
+    leaves no accounting record, so submitit reports it UNKNOWN forever; the grace covers the
+    gap between a task leaving the queue and its final state reaching sacct."""
+    import subprocess
+
+    pending = [j for j in jobs if not j.done()]
+    if not pending:
+        return []
+    ids = ",".join(sorted({j.job_id.split("_")[0] for j in pending}))
+    q = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ids], capture_output=True, text=True)
+    if q.returncode and "invalid job id" not in q.stderr.lower():  # controller busy: decide nothing now
+        return []
+    queued, now, lost = set(q.stdout.split()), time.monotonic(), []
+    for j in pending:
+        if j.job_id in queued:
+            missing_since.pop(j.job_id, None)
+        elif now - missing_since.setdefault(j.job_id, now) > grace_s:
+            lost.append(j)
+    return lost
+
+
 def run_submitit(chunks: list[dict], cfg: dict, *, cluster: str, workers: int, tasks: int,
                  folder: Path, progress=None, slurm: dict | None = None) -> dict[str, dict]:
     """Submit `tasks` array tasks of `workers` cores each; wait; return the chunk results."""
@@ -128,9 +156,14 @@ def run_submitit(chunks: list[dict], cfg: dict, *, cluster: str, workers: int, t
     ntasks = max(1, min(tasks, len(chunks)))
     groups = [chunks[i::ntasks] for i in range(ntasks)]
     jobs = executor.map_array(run_group, groups, [cfg] * ntasks, [workers] * ntasks)
-    out_dir, seen = Path(cfg["out_dir"]), {}
+    out_dir, seen, missing_since = Path(cfg["out_dir"]), {}, {}
     done_dir, wanted = done_path(out_dir, "x").parent, {c["id"] for c in chunks}
     while not all(j.done() for j in jobs):  # progress: read only result files that are new
+        if cluster == "slurm" and (lost := _lost_tasks(jobs, missing_since)):
+            raise TaskLostError(
+                "array task(s) left the SLURM queue without finishing (cancelled while pending, or lost): "
+                + ", ".join(f"{j.job_id} (log {j.paths.stderr})" for j in lost)
+                + "; completed chunks are kept: run the same command again to resume")
         for entry in os.scandir(done_dir):
             cid = entry.name[:-5]
             if entry.name.endswith(".json") and cid in wanted and cid not in seen:

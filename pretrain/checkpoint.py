@@ -245,7 +245,7 @@ def resume(trainer, run_dir: str | Path, tokenizer: dict) -> dict | None:
                 if errors:
                     found = CheckpointError(
                         f"cannot resume {found[0]}: " + "; ".join(errors)
-                        + f". Use a new --run-dir for a different model, tokenizer or layout.")
+                        + ". Use a new --run-dir for a different model, tokenizer or layout.")
         except CheckpointError as e:
             found = e
         found = [found]

@@ -7,6 +7,7 @@ checkpoint.py (save/resume), metrics.py (records) and evaluate.py (perplexity).
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 

@@ -31,12 +31,7 @@ def plot_extrapolation(records: list[dict], path: str | Path, title: str | None 
     ax.set_title(title or f"Extrapolation ({desc}); dotted line / star = training length")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_bars(rows: list[dict], metrics: list[tuple[str, str]], path: str | Path, title: str) -> Path:
@@ -49,12 +44,7 @@ def plot_bars(rows: list[dict], metrics: list[tuple[str, str]], path: str | Path
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="x", labelrotation=20, labelsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_curves(series: dict[str, tuple[list[float], list[float]]], path: str | Path, xlabel: str, ylabel: str,
@@ -70,6 +60,10 @@ def plot_curves(series: dict[str, tuple[list[float], list[float]]], path: str | 
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,9 @@ def test_slurm_preprocess_sh_retries_a_failed_task(slurm, corpus_and_tokenizer, 
         assert time.monotonic() < deadline and slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), \
             log.read_text()
         time.sleep(0.2)
-    slurm.run("scancel", running[0])
+    # SIGKILL, as a node failure would: a plain scancel sends SIGTERM first, which submitit's
+    # task ignores, so on a quiet machine the task could finish its chunks inside KillWait.
+    slurm.run("scancel", "--signal=KILL", running[0])
     info = slurm.wait(job, 180)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text
@@ -76,3 +78,23 @@ def test_slurm_preprocess_sh_retries_a_failed_task(slurm, corpus_and_tokenizer, 
     assert str(out_dir / ".work" / "submitit") in text, text  # the failed task's files are named
     assert output_bytes(out_dir) == output_bytes(local_data)
     assert manifest(out_dir) == manifest(local_data)
+
+
+def test_slurm_task_cancelled_while_pending_fails_with_its_log(slurm, corpus_and_tokenizer, tmp_path):
+    """A task cancelled before it starts leaves no accounting record (submitit would wait on
+    UNKNOWN forever): preprocess names it and its log, exits 1, and a rerun resumes."""
+    corpus, tok = corpus_and_tokenizer
+    args = preprocess_args(corpus, tok, tmp_path / "data")
+    args[args.index("--workers") + 1] = "2"  # 2 cores per task on a 2-core node: one task waits
+    proc = subprocess.Popen([sys.executable, "data_prep/preprocess.py", "--launcher", "slurm", *args], cwd=REPO,
+                            env={**slurm.env, "PREPROCESS_LOST_GRACE_S": "5"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (pending := slurm.run("squeue", "-h", "-r", "-n", "preprocess", "-t", "PENDING", "-o", "%i").split()):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.2)
+    slurm.run("scancel", pending[-1])
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, out
+    assert f"{pending[-1]} (log " in out and "run the same command again to resume" in out, out
+    slurm.run("scancel", "--name", "preprocess")  # the other task would keep the node busy for the next test

@@ -4,7 +4,6 @@ process groups, except the FLOP count, which runs the real model once in this pr
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
