@@ -116,21 +116,8 @@ def _transformer_overrides(cfg: Config) -> dict[str, Any]:
 
 def _build_gpt(cfg: Config, pre_process: bool, post_process: bool) -> GPTModel:
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
-    if torch.cuda.is_available() or ps.get_pipeline_model_parallel_world_size() == 1:
-        gpt = build_model(cfg.model, pre_process=pre_process, post_process=post_process, params_dtype=dtype,
-                          transformer_overrides=_transformer_overrides(cfg))
-    else:
-        # megatron copies the tied embedding to the last stage with `weight.data.cuda()` plus an
-        # all-reduce; on CPU skip that copy: init_weights draws both copies identically.
-        from megatron.core.models.common.language_module.language_module import LanguageModule
-
-        saved = LanguageModule._is_in_embd_group
-        LanguageModule._is_in_embd_group = lambda self: False
-        try:
-            gpt = build_model(cfg.model, pre_process=pre_process, post_process=post_process, params_dtype=dtype,
-                              transformer_overrides=_transformer_overrides(cfg))
-        finally:
-            LanguageModule._is_in_embd_group = saved
+    gpt = build_model(cfg.model, pre_process=pre_process, post_process=post_process, params_dtype=dtype,
+                      transformer_overrides=_transformer_overrides(cfg))
     init_weights(gpt, cfg)
     return gpt
 
