@@ -25,7 +25,7 @@ from megatron.core.models.gpt import GPTModel
 
 from pretrain.config import Config
 from pretrain.model import build_model
-from pretrain.parallel import MegatronMPU
+from pretrain.parallel import MegatronMPU, accelerator_device
 
 
 def use_bf16(cfg: Config) -> bool:
@@ -207,7 +207,7 @@ def _clip_fp32_grads(module: torch.nn.Module, max_norm: float) -> float:
     grads = [p.grad for p in module.parameters() if p.grad is not None
              and not getattr(p, "ds_pipe_replicated", False)
              and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
-    sq = torch.zeros((), dtype=torch.float64, device=get_accelerator().current_device_name())
+    sq = torch.zeros((), dtype=torch.float64, device=accelerator_device())
     for g in grads:
         sq += g.double().pow(2).sum()
     dist.all_reduce(sq, group=ps.get_model_parallel_group())
@@ -297,7 +297,7 @@ class Trainer:
         step (every rank reaches it, also inside the pipeline schedule), and a bad step gets the
         same clean-up as DeepSpeed's overflow path (gradients dropped, no update)."""
         engine, state, original = self.engine, self.state, self.engine._take_model_step
-        device = get_accelerator().current_device_name()
+        device = accelerator_device()
 
         own_clip = not (engine.zero_optimization() or engine.bfloat16_enabled())
 
@@ -333,9 +333,9 @@ class Trainer:
             loss = self.engine.train_batch(data_iter=it)  # already averaged over micro-batches and dp
             loss = float(loss)
         else:
-            total = torch.zeros((), dtype=torch.float64, device=self._device())
+            total = torch.zeros((), dtype=torch.float64, device=accelerator_device())
             for b in micro_batches:
-                b = {k: v.to(self._device()) for k, v in b.items()}
+                b = {k: v.to(accelerator_device()) for k, v in b.items()}
                 # DeepSpeed divides the loss by the accumulation steps in backward and averages
                 # gradients over data-parallel ranks at the boundary step (the last micro-batch).
                 loss = self.engine(b["tokens"], b["position_ids"], b["labels"], b["loss_mask"])
@@ -358,7 +358,7 @@ class Trainer:
         """Per-token NLL [b, L] of `targets` given `inputs` (pp == 1; any length)."""
         self.engine.eval()
         pos = torch.arange(inputs.shape[1]).expand_as(inputs)
-        out = self.gpt(inputs.to(self._device()), pos.to(self._device()), None, labels=targets.to(self._device()))
+        out = self.gpt(inputs.to(accelerator_device()), pos.to(accelerator_device()), None, labels=targets.to(accelerator_device()))
         return out.float()
 
     @torch.no_grad()
@@ -371,6 +371,3 @@ class Trainer:
         loss = self.engine.eval_batch(it, num_micro_batches=len(windows))
         self.engine.reset_activation_shape()
         return float(loss)
-
-    def _device(self) -> str:
-        return get_accelerator().current_device_name()

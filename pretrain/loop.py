@@ -16,8 +16,8 @@ import torch.distributed as dist
 import yaml
 
 from pretrain.config import Config, ConfigError, to_dict
-from pretrain.parallel import DistEnv
-from pretrain.stop import StopRequest, accelerator_device
+from pretrain.parallel import DistEnv, accelerator_device
+from pretrain.stop import StopRequest
 
 
 class TrainingError(RuntimeError):

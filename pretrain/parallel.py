@@ -127,3 +127,10 @@ class MegatronMPU:
 
     def get_pipeline_model_parallel_rank(self):
         return self.ps.get_pipeline_model_parallel_rank()
+
+
+def accelerator_device() -> str:
+    """This rank's device as DeepSpeed's accelerator names it ("cuda:N" or "cpu")."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()

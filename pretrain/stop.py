@@ -24,12 +24,9 @@ class StopRequest:
         import torch
         import torch.distributed as dist
 
+        from pretrain.parallel import accelerator_device
+
         flag = torch.tensor([self.signum], dtype=torch.int64, device=accelerator_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
 
-
-def accelerator_device() -> str:
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().current_device_name()
