@@ -28,7 +28,10 @@ LOST_GRACE_S = float(os.environ.get("PREPROCESS_LOST_GRACE_S", 60))
 
 
 class TaskLostError(RuntimeError):
-    """A SLURM array task left the queue without a final state submitit can read."""
+    """A SLURM array task failed, was cancelled, or left the queue without a final state."""
+
+
+_RESUME = "completed chunks are kept: run the same command again to resume"
 
 
 class WorkerDiedError(RuntimeError):
@@ -71,8 +74,7 @@ def run_local(chunks: list[dict], cfg: dict, workers: int, progress=None) -> dic
                 for f in done:
                     results[futures.pop(f)] = f.result()  # re-raises a worker's error here
         except BrokenProcessPool as e:
-            raise WorkerDiedError("a worker process died (killed, or out of memory?); completed chunks are "
-                               "kept: run the same command again to resume") from e
+            raise WorkerDiedError(f"a worker process died (killed, or out of memory?); {_RESUME}") from e
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)  # running chunks end, queued ones never start
             raise
@@ -162,8 +164,7 @@ def run_submitit(chunks: list[dict], cfg: dict, *, cluster: str, workers: int, t
         if cluster == "slurm" and (lost := _lost_tasks(jobs, missing_since)):
             raise TaskLostError(
                 "array task(s) left the SLURM queue without finishing (cancelled while pending, or lost): "
-                + ", ".join(f"{j.job_id} (log {j.paths.stderr})" for j in lost)
-                + "; completed chunks are kept: run the same command again to resume")
+                + ", ".join(f"{j.job_id} (log {j.paths.stderr})" for j in lost) + f"; {_RESUME}")
         for entry in os.scandir(done_dir):
             cid = entry.name[:-5]
             if entry.name.endswith(".json") and cid in wanted and cid not in seen:
@@ -172,8 +173,11 @@ def run_submitit(chunks: list[dict], cfg: dict, *, cluster: str, workers: int, t
                     if progress:
                         progress.advance(r["bytes"], sum(s["tokens"] for s in r["splits"].values()))
         time.sleep(0.5 if cluster != "slurm" else 5)
-    for j in jobs:
-        j.result()  # raises submitit's FailedJobError with the task's traceback
+    # failed or cancelled (with an accounting record): name each task and its log, keep submitit's text
+    if failed := [(j, e) for j in jobs if (e := j.exception()) is not None]:
+        raise TaskLostError("array task(s) did not finish: "
+                            + "; ".join(f"{j.job_id} (log {j.paths.stderr}): {e}" for j, e in failed)
+                            + f"\n{_RESUME}")
     results = {}
     for c in chunks:
         r = load_done(out_dir, c["id"])

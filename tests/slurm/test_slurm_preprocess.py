@@ -81,8 +81,9 @@ def test_slurm_preprocess_sh_retries_a_failed_task(slurm, corpus_and_tokenizer, 
 
 
 def test_slurm_task_cancelled_while_pending_fails_with_its_log(slurm, corpus_and_tokenizer, tmp_path):
-    """A task cancelled before it starts leaves no accounting record (submitit would wait on
-    UNKNOWN forever): preprocess names it and its log, exits 1, and a rerun resumes."""
+    """A task cancelled before it starts: whether its CANCELLED state reaches accounting or it
+    leaves no record at all (submitit would then wait on UNKNOWN forever), preprocess names the
+    task and its log, says how to resume, and exits 1."""
     corpus, tok = corpus_and_tokenizer
     args = preprocess_args(corpus, tok, tmp_path / "data")
     args[args.index("--workers") + 1] = "2"  # 2 cores per task on a 2-core node: one task waits
