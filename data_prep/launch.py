@@ -27,11 +27,23 @@ _QUEUE = None
 LOST_GRACE_S = float(os.environ.get("PREPROCESS_LOST_GRACE_S", 60))
 
 
-class TaskLostError(RuntimeError):
-    """A SLURM array task failed, was cancelled, or left the queue without a final state."""
+class TaskFailedError(RuntimeError):
+    """A submitit/SLURM array task failed, was cancelled, or left the queue without a final state."""
 
 
 _RESUME = "completed chunks are kept: run the same command again to resume"
+
+
+def _task_failure(what: str, failed: list[tuple]) -> TaskFailedError:
+    """One message for failed array tasks, [(job, detail or None)]: each id, its log, and how to resume."""
+    tasks = "; ".join(f"{j.job_id} (log {j.paths.stderr})" + (f": {d}" if d else "") for j, d in failed)
+    return TaskFailedError(f"array task(s) {what}: {tasks}\n{_RESUME}")
+
+
+def _raise_if_failed(jobs) -> None:
+    """Wait for `jobs`; raise for every task that crashed or was cancelled (submitit's text kept)."""
+    if failed := [(j, e) for j in jobs if (e := j.exception()) is not None]:
+        raise _task_failure("did not finish", failed)
 
 
 class WorkerDiedError(RuntimeError):
@@ -111,6 +123,7 @@ def map_tasks(fn, args_list: list[tuple], *, launcher: str, workers: int, folder
         params.update({f"slurm_{k}": v for k, v in (slurm or {}).items() if k != "time_min" and v is not None})
     executor.update_parameters(**params)
     jobs = executor.map_array(fn, *zip(*args_list))
+    _raise_if_failed(jobs)
     return [j.result() for j in jobs]
 
 
@@ -162,9 +175,8 @@ def run_submitit(chunks: list[dict], cfg: dict, *, cluster: str, workers: int, t
     done_dir, wanted = done_path(out_dir, "x").parent, {c["id"] for c in chunks}
     while not all(j.done() for j in jobs):  # progress: read only result files that are new
         if cluster == "slurm" and (lost := _lost_tasks(jobs, missing_since)):
-            raise TaskLostError(
-                "array task(s) left the SLURM queue without finishing (cancelled while pending, or lost): "
-                + ", ".join(f"{j.job_id} (log {j.paths.stderr})" for j in lost) + f"; {_RESUME}")
+            raise _task_failure("left the SLURM queue without finishing (cancelled while pending, or lost)",
+                                [(j, None) for j in lost])
         for entry in os.scandir(done_dir):
             cid = entry.name[:-5]
             if entry.name.endswith(".json") and cid in wanted and cid not in seen:
@@ -173,11 +185,7 @@ def run_submitit(chunks: list[dict], cfg: dict, *, cluster: str, workers: int, t
                     if progress:
                         progress.advance(r["bytes"], sum(s["tokens"] for s in r["splits"].values()))
         time.sleep(0.5 if cluster != "slurm" else 5)
-    # failed or cancelled (with an accounting record): name each task and its log, keep submitit's text
-    if failed := [(j, e) for j in jobs if (e := j.exception()) is not None]:
-        raise TaskLostError("array task(s) did not finish: "
-                            + "; ".join(f"{j.job_id} (log {j.paths.stderr}): {e}" for j, e in failed)
-                            + f"\n{_RESUME}")
+    _raise_if_failed(jobs)  # crashed, or cancelled with an accounting record
     results = {}
     for c in chunks:
         r = load_done(out_dir, c["id"])

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         print(f"preprocess: refused: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - strict errors and failed tasks: say what, not a traceback
-        if type(e).__name__ in ("StrictError", "FailedJobError", "UncompletedJobError", "TaskLostError", "WorkerDiedError"):
+        if type(e).__name__ in ("StrictError", "TaskFailedError", "WorkerDiedError"):
             print(f"preprocess: failed: {e}", file=sys.stderr)
             return 1
         raise
