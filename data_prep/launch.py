@@ -40,10 +40,6 @@ def _task_failure(what: str, failed: list[tuple]) -> TaskFailedError:
     return TaskFailedError(f"array task(s) {what}: {tasks}\n{_RESUME}")
 
 
-def _raise_if_failed(jobs) -> None:
-    """Wait for `jobs`; raise for every task that crashed or was cancelled (submitit's text kept)."""
-    if failed := [(j, e) for j in jobs if (e := j.exception()) is not None]:
-        raise _task_failure("did not finish", failed)
 
 
 class WorkerDiedError(RuntimeError):
@@ -123,7 +119,7 @@ def map_tasks(fn, args_list: list[tuple], *, launcher: str, workers: int, folder
         params.update({f"slurm_{k}": v for k, v in (slurm or {}).items() if k != "time_min" and v is not None})
     executor.update_parameters(**params)
     jobs = executor.map_array(fn, *zip(*args_list))
-    _raise_if_failed(jobs)
+    _wait(jobs, "slurm" if launcher == "slurm" else "local")
     return [j.result() for j in jobs]
 
 
@@ -156,6 +152,21 @@ def _lost_tasks(jobs, missing_since: dict, grace_s: float = LOST_GRACE_S) -> lis
     return lost
 
 
+def _wait(jobs, cluster: str, poll=None) -> None:
+    """Wait for submitit `jobs`, calling `poll()` between checks; raise for every task that
+    crashed, was cancelled, or (SLURM) left the queue without a final state (see _lost_tasks)."""
+    missing_since: dict = {}
+    while not all(j.done() for j in jobs):
+        if cluster == "slurm" and (lost := _lost_tasks(jobs, missing_since)):
+            raise _task_failure("left the SLURM queue without finishing (cancelled while pending, or lost)",
+                                [(j, None) for j in lost])
+        if poll:
+            poll()
+        time.sleep(0.5 if cluster != "slurm" else 5)
+    if failed := [(j, e) for j in jobs if (e := j.exception()) is not None]:  # submitit's text kept
+        raise _task_failure("did not finish", failed)
+
+
 def run_submitit(chunks: list[dict], cfg: dict, *, cluster: str, workers: int, tasks: int,
                  folder: Path, progress=None, slurm: dict | None = None) -> dict[str, dict]:
     """Submit `tasks` array tasks of `workers` cores each; wait; return the chunk results."""
@@ -171,12 +182,10 @@ def run_submitit(chunks: list[dict], cfg: dict, *, cluster: str, workers: int, t
     ntasks = max(1, min(tasks, len(chunks)))
     groups = [chunks[i::ntasks] for i in range(ntasks)]
     jobs = executor.map_array(run_group, groups, [cfg] * ntasks, [workers] * ntasks)
-    out_dir, seen, missing_since = Path(cfg["out_dir"]), {}, {}
+    out_dir, seen = Path(cfg["out_dir"]), {}
     done_dir, wanted = done_path(out_dir, "x").parent, {c["id"] for c in chunks}
-    while not all(j.done() for j in jobs):  # progress: read only result files that are new
-        if cluster == "slurm" and (lost := _lost_tasks(jobs, missing_since)):
-            raise _task_failure("left the SLURM queue without finishing (cancelled while pending, or lost)",
-                                [(j, None) for j in lost])
+
+    def poll():  # progress: read only result files that are new
         for entry in os.scandir(done_dir):
             cid = entry.name[:-5]
             if entry.name.endswith(".json") and cid in wanted and cid not in seen:
@@ -184,8 +193,8 @@ def run_submitit(chunks: list[dict], cfg: dict, *, cluster: str, workers: int, t
                     seen[cid] = r
                     if progress:
                         progress.advance(r["bytes"], sum(s["tokens"] for s in r["splits"].values()))
-        time.sleep(0.5 if cluster != "slurm" else 5)
-    _raise_if_failed(jobs)  # crashed, or cancelled with an accounting record
+
+    _wait(jobs, cluster, poll)
     results = {}
     for c in chunks:
         r = load_done(out_dir, c["id"])
