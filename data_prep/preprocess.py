@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `data_prep` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from data_prep.pipeline import LAUNCHERS, RefusedError, preprocess  # noqa: E402  (re-exported)
-from data_prep.readers import InputError  # noqa: E402
+from data_prep.pipeline import LAUNCHERS, RefusedError, preprocess  # re-exported
+from data_prep.readers import InputError
 
 __all__ = ["preprocess", "main"]
 

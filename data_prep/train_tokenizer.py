@@ -17,12 +17,8 @@ import argparse
 import hashlib
 import heapq
 import json
-import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `data_prep` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sentencepiece as spm
 

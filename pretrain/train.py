@@ -17,11 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `pretrain` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pretrain.config import Config, ConfigError, DataSource, load_config  # noqa: E402
-from pretrain.stop import StopRequest  # noqa: E402
+from pretrain.config import Config, ConfigError, DataSource, load_config
+from pretrain.stop import StopRequest
 
 FLAGS = {  # flag -> config path
     "steps": "train.steps", "tp": "parallel.tensor_parallel", "pp": "parallel.pipeline_parallel",

@@ -16,14 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `tools` and `pretrain` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pretrain.config import load_config  # noqa: E402
-from tools.launch import ROOT  # noqa: E402
-from tools.plotting import plot_curves  # noqa: E402
-from tools.runs import compare, read_run  # noqa: E402
-from tools.throughput import BenchSpec, benchmark  # noqa: E402
+from pretrain.config import load_config
+from tools.jobs import ROOT
+from tools.plotting import plot_curves
+from tools.runs import compare, read_run
+from tools.bench.compare import BenchSpec, benchmark
 
 PAPER_PAIR = [str(ROOT / "configs" / f) for f in ("gpt_1p3b_alibi_L1024.yaml", "gpt_1p3b_sinusoidal_L2048.yaml")]
 

@@ -14,13 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `tools` and `pretrain` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from transformers import GenerationConfig
 
-from transformers import GenerationConfig  # noqa: E402
-
-from tools.hf_export import megatron_to_hf  # noqa: E402
-from tools.hf_tokenizer import spm_to_hf_tokenizer  # noqa: E402
+from tools.hf_export import megatron_to_hf
+from data_prep.hf_tokenizer import spm_to_hf_tokenizer
 
 
 def find_tokenizer(checkpoint: str | Path, cfg) -> Path | None:

@@ -16,13 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `tools` and `pretrain` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from tools.evaluation import evaluate, load_model, load_tokens  # noqa: E402
-from tools.plotting import plot_extrapolation  # noqa: E402
+from tools.evaluation import evaluate, load_model, load_tokens
+from tools.plotting import plot_extrapolation
 
 FIELDS = ["model", "train_length", "length", "method", "stride", "tokens", "ppl"]
 

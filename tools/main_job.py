@@ -14,14 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `tools`, `pretrain`, `data_prep` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tools import main_pipeline as mp  # noqa: E402
+from tools import main_pipeline as mp
 
 
 def main(argv=None) -> dict:

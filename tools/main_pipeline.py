@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tools.launch import ROOT, child_env, train_cmd
+from tools.jobs import ROOT, child_env, train_cmd
 from tools.runs import read_run
 
 

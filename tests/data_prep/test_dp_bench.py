@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_bench_preprocess_smoke(corpus, tokenizer_model, tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "tools/bench_preprocess.py", "--input", str(corpus[0]), "--tokenizer",
+    r = subprocess.run([sys.executable, "tools/bench/preprocess.py", "--input", str(corpus[0]), "--tokenizer",
                         str(tokenizer_model), "--workers", "1", "--work-dir", str(tmp_path / "w"), "--json", str(out)],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

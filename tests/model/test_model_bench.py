@@ -1,9 +1,9 @@
-"""tools/bench_attention.py runs (CPU smoke mode) and its variants agree with each other."""
+"""tools/bench/attention.py runs (CPU smoke mode) and its variants agree with each other."""
 
 import json
 import math
 
-from tools.bench_attention import main
+from tools.bench.attention import main
 
 
 def test_bench_attention_smoke(tmp_path):

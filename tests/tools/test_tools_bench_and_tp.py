@@ -17,7 +17,7 @@ from pretrain.data import validation_tokens
 from pretrain.model import build_model, init_model_parallel
 from tools.compare_runs import main as compare_main
 from tools.hf_export import megatron_to_hf
-from tools.launch import child_env
+from tools.jobs import child_env
 from tools.perplexity import perplexity
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from data_prep.train_tokenizer import train_tokenizer
-from tools.hf_tokenizer import spm_to_hf_tokenizer
+from data_prep.hf_tokenizer import spm_to_hf_tokenizer
 
 SAMPLES = [
     "Hello world", "  leading and   multiple   spaces  ", "digits 1234567890 and 3.14159 and 007",

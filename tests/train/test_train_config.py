@@ -134,11 +134,11 @@ def test_train_mfu_formula_matches_counted_flops():
 
 
 def test_train_benchmark_cpu_smoke(tmp_path, capsys):
-    """pretrain/benchmark.py runs the real trainer and reports MFU consistently (CPU: fp32, the
+    """tools/bench/train.py runs the real trainer and reports MFU consistently (CPU: fp32, the
     config's micro-batch; on a GPU it searches the largest micro-batch, see docs/benchmarks.md)."""
     import json
 
-    from pretrain.benchmark import main as bench
+    from tools.bench.train import main as bench
 
     out = tmp_path / "bench.json"
     assert bench(["--config", str(REPO / "configs" / "tiny_alibi.yaml"), "--steps", "2", "--warmup", "1",

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pretrain.config import load_config
-from tools.launch import ROOT, child_env, train_cmd
+from tools.jobs import ROOT, child_env, train_cmd
 from tools.plotting import plot_bars
 
 METRICS = [("tokens_per_s", "tokens/s"), ("step_time_s", "step time (s)"), ("peak_mem_gb", "peak memory (GB)"),

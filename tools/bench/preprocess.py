@@ -1,6 +1,6 @@
 """Benchmark data_prep/preprocess.py against the tokenizer's own ceiling on the same text/cores.
 
-    python tools/bench_preprocess.py --input corpus.jsonl --tokenizer tok.model --workers 1 2 \
+    python tools/bench/preprocess.py --input corpus.jsonl --tokenizer tok.model --workers 1 2 \
         [--repeat 2] [--make-corpus-mb 300] [--json out.json]
 
 For each worker count W it measures:
@@ -31,9 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import psutil
 import sentencepiece as spm
 from rich.console import Console
@@ -41,7 +38,7 @@ from rich.table import Table
 
 from data_prep.readers import ChunkReader, detect_format, expand_inputs
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 _RUNNER = r"""
 import json, resource, sys, time

@@ -1,8 +1,8 @@
 """Training throughput of a config: tokens/s/GPU, TFLOP/s/GPU, MFU and peak memory.
 
-    python pretrain/benchmark.py --config configs/gpt_1p3b_alibi_L1024.yaml [--micro-batch auto|N]
+    python tools/bench/train.py --config configs/gpt_1p3b_alibi_L1024.yaml [--micro-batch auto|N]
         [--steps 10] [--warmup 3] [--out bench.json] [key.path=value ...]
-    torchrun --nproc_per_node 8 pretrain/benchmark.py --config ...        # one node
+    torchrun --nproc_per_node 8 tools/bench/train.py --config ...        # one node
 
 Runs the real trainer (DeepSpeed engine, bf16 on GPU) on random tokens, so no dataset is needed;
 one micro-batch per optimizer step per rank. `--micro-batch auto` doubles the micro-batch from 1
@@ -19,12 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from pretrain.config import Config, load_config  # noqa: E402
+from pretrain.config import Config, load_config
 
 
 def measure(cfg: Config, world_size: int, steps: int, warmup: int) -> dict:

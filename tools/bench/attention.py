@@ -12,9 +12,9 @@ FLOPs counted for every variant as the causal half of 4*b*h*L^2*d forward, x3.5 
 Outputs are checked (max abs diff in the table) against sdpa-ref-fp32bias for the ALiBi
 variants and sdpa-flash-nobias for the others.
 
-GPU:  python tools/bench_attention.py --out docs/bench_attention.json
+GPU:  python tools/bench/attention.py --out docs/bench_attention.json
 CPU smoke (tiny sizes, flex forward-only in eager mode: CPU flex has no backward):
-      python tools/bench_attention.py --smoke --out /tmp/bench.json
+      python tools/bench/attention.py --smoke --out /tmp/bench.json
 """
 
 from __future__ import annotations
