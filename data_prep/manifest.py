@@ -83,13 +83,14 @@ def load_manifest(out_dir: str | Path) -> dict:
     return manifest
 
 
-def shard_prefixes(out_dir: str | Path, split: str, *, merged: bool = True) -> list[str]:
+def shard_prefixes(out_dir: str | Path, split: str, *, merged: bool = True, manifest: dict | None = None) -> list[str]:
     """Absolute shard path prefixes (no .bin/.idx) of `split` ('train' or 'valid'), in
     deterministic order, for megatron-core's IndexedDataset / BlendedMegatronDatasetBuilder.
-    merged=True: the few large merged shards; False: the per-chunk shards holding documents."""
+    merged=True: the few large merged shards; False: the per-chunk shards holding documents.
+    `manifest`: out_dir's manifest when the caller already read it (else it is read here)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = Path(out_dir).resolve()
-    m = load_manifest(out_dir)
+    m = manifest if manifest is not None else load_manifest(out_dir)
     return [str(root / s["prefix"]) for s in (m["merged"] if merged else m["shards"])
             if s["split"] == split and s["documents"] > 0]

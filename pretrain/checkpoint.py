@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import Config, from_dict, to_dict
+from pretrain.parallel import Layout, accelerator_device
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -57,7 +58,7 @@ def _model_shard(trainer) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """This rank's full (un-ZeRO'd) model shard by global name, and its parameter table."""
     from megatron.core import parallel_state as ps
 
-    from pretrain.engine import global_names, partition_dim
+    from pretrain.model.params import global_names, partition_dim
 
     tp = ps.get_tensor_model_parallel_world_size()
     names = global_names(trainer.gpt)
@@ -150,8 +151,7 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
             "consumed_samples": step * cfg.train.global_batch_size,
             "config": to_dict(cfg),
             "tokenizer": tokenizer,
-            "layout": {"world_size": dist.get_world_size(), "tensor_parallel": cfg.parallel.tensor_parallel,
-                       "pipeline_parallel": cfg.parallel.pipeline_parallel, "zero_stage": cfg.parallel.zero_stage},
+            "layout": _layout_record(trainer.layout, cfg),
             **extra,
         }
         meta["files"] = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -212,7 +212,12 @@ def find_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
     return None
 
 
-def compatibility_errors(meta: dict, cfg: Config, tokenizer: dict, world_size: int) -> list[str]:
+def _layout_record(layout: Layout, cfg: Config) -> dict[str, int]:
+    return {"world_size": layout.world_size, "tensor_parallel": layout.tp, "pipeline_parallel": layout.pp,
+            "zero_stage": cfg.parallel.zero_stage}
+
+
+def compatibility_errors(meta: dict, cfg: Config, tokenizer: dict, layout: Layout) -> list[str]:
     """Why this run cannot resume `meta`'s checkpoint (empty list: it can)."""
     errors = []
     old = meta["config"]["model"]
@@ -224,40 +229,26 @@ def compatibility_errors(meta: dict, cfg: Config, tokenizer: dict, world_size: i
                       f"(sha256 {str(meta['tokenizer'].get('sha256'))[:12]}), this run's data uses "
                       f"{tokenizer.get('path')} (sha256 {str(tokenizer.get('sha256'))[:12]})")
     lay = meta["layout"]
-    now = {"world_size": world_size, "tensor_parallel": cfg.parallel.tensor_parallel,
-           "pipeline_parallel": cfg.parallel.pipeline_parallel, "zero_stage": cfg.parallel.zero_stage}
-    for k, v in now.items():
+    for k, v in _layout_record(layout, cfg).items():
         if lay[k] != v:
             errors.append(f"layout {k}: checkpoint has {lay[k]}, this run {v} (optimizer state is sharded by "
                           f"layout: resume with the same layout)")
     return errors
 
 
-def resume(trainer, run_dir: str | Path, tokenizer: dict) -> dict | None:
-    """Collective: load the newest complete checkpoint of `run_dir` into `trainer` (model,
-    optimizer, RNG) and return its meta (step, consumed_samples, counters), or None."""
-    found = None
-    if dist.get_rank() == 0:
-        try:
-            found = find_checkpoint(run_dir)
-            if found is not None:
-                errors = compatibility_errors(found[1], trainer.cfg, tokenizer, dist.get_world_size())
-                if errors:
-                    found = CheckpointError(
-                        f"cannot resume {found[0]}: " + "; ".join(errors)
-                        + ". Use a new --run-dir for a different model, tokenizer or layout.")
-        except CheckpointError as e:
-            found = e
-        found = [found]
-    else:
-        found = [None]
-    dist.broadcast_object_list(found, src=0)
-    found = found[0]
-    if isinstance(found, CheckpointError):
-        raise found
+def resume(trainer, found: tuple[Path, dict] | None) -> dict | None:
+    """Collective: load the checkpoint `found` (from `find_checkpoint`, checked by preflight on
+    every rank) into `trainer` (model, optimizer, RNG) and return its meta (step,
+    consumed_samples, counters), or None to start fresh. Every rank must have found the same one."""
+    step = torch.tensor([-1 if found is None else found[1]["step"]] * 2, dtype=torch.int64, device=accelerator_device())
+    step[1] = -step[1]
+    dist.all_reduce(step, op=dist.ReduceOp.MAX)  # [max step, -min step] over ranks
+    if step[0] != -step[1]:
+        raise CheckpointError(f"ranks found different checkpoints (steps {-int(step[1])}..{int(step[0])}): "
+                              "is another job writing this run directory? Give each run its own --run-dir")
     if found is None:
         return None
-    ckpt, meta = Path(found[0]), found[1]
+    ckpt, meta = found
     trainer.engine.load_checkpoint(str(ckpt), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=False)
     _set_rng_state(torch.load(ckpt / "rng" / f"rank{dist.get_rank():05d}.pt", weights_only=False))
     return meta

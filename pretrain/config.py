@@ -2,8 +2,8 @@
 
 Every section is a keyword-only dataclass; unknown keys are rejected, and every
 cross-field error is collected and reported together with its fix
-(`Config.validate`). Nothing here touches torch.distributed or a GPU, so a
-128-GPU layout can be checked on a laptop.
+(`Config.validate`; the layout's own rules are `pretrain.parallel.Layout.errors`). Nothing
+here touches torch.distributed or a GPU, so a 128-GPU layout can be checked on a laptop.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from pretrain.parallel import Layout
 
 Position = Literal["alibi", "sinusoidal", "rope", "none"]
 AttentionBackend = Literal["auto", "sdpa", "flex"]
@@ -190,17 +192,13 @@ class Config:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
     def validate(self, world_size: int | None = None) -> None:
-        """Raise ConfigError listing every problem, each with its fix."""
-        errors = model_errors(self.model) + parallel_errors(self.model, self.parallel, world_size)
-        errors += train_errors(self, world_size)
+        """Raise ConfigError listing every problem, each with its fix; with `world_size`, also
+        the layout's (`Layout.errors`: world and batch divisibility)."""
+        errors = model_errors(self.model) + parallel_errors(self.model, self.parallel) + train_errors(self)
+        if world_size is not None:
+            errors += Layout.errors(self, world_size)
         if errors:
             raise ConfigError(errors)
-
-    def data_parallel(self, world_size: int) -> int:
-        return world_size // (self.parallel.tensor_parallel * self.parallel.pipeline_parallel)
-
-    def grad_accumulation(self, world_size: int) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel(world_size))
 
 
 def model_errors(m: ModelConfig) -> list[str]:
@@ -227,7 +225,7 @@ def model_errors(m: ModelConfig) -> list[str]:
     return errors
 
 
-def parallel_errors(m: ModelConfig, p: ParallelConfig, world_size: int | None) -> list[str]:
+def parallel_errors(m: ModelConfig, p: ParallelConfig) -> list[str]:
     errors = []
     if m.num_attention_heads % p.tensor_parallel:
         errors.append(
@@ -252,29 +250,15 @@ def parallel_errors(m: ModelConfig, p: ParallelConfig, world_size: int | None) -
             "ZeRO-2/3 with pipeline parallelism (gradients are partitioned across micro-batches); "
             "use zero_stage 0 or 1, or pipeline_parallel=1"
         )
-    if world_size is not None and world_size % (p.tensor_parallel * p.pipeline_parallel):
-        errors.append(
-            f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = "
-            f"{p.tensor_parallel * p.pipeline_parallel}: change the GPU count or the layout"
-        )
     return errors
 
 
-def train_errors(cfg: Config, world_size: int | None) -> list[str]:
-    """Batch, schedule and logging rules; batch divisibility needs the world size."""
+def train_errors(cfg: Config) -> list[str]:
+    """Batch, schedule and logging rules (batch divisibility needs the world size: Layout.errors)."""
     t, o, errors = cfg.train, cfg.optim, []
     for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval", "max_bad_steps"):
         if getattr(t, name) <= 0:
             errors.append(f"train.{name}={getattr(t, name)} must be positive")
-    p = cfg.parallel
-    if world_size is not None and t.micro_batch_size > 0 and world_size % (p.tensor_parallel * p.pipeline_parallel) == 0:
-        dp = world_size // (p.tensor_parallel * p.pipeline_parallel)
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            errors.append(
-                f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x "
-                f"data_parallel = {t.micro_batch_size} x {dp}: global batch = micro x accumulation x dp, "
-                f"so use a multiple of {t.micro_batch_size * dp}"
-            )
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         errors.append(f"optim.lr={o.lr} and optim.min_lr={o.min_lr} need 0 <= min_lr <= lr and lr > 0")
     if o.warmup_steps < 0 or o.decay_steps < 0:

@@ -1,5 +1,8 @@
 """Training data through megatron-core's GPTDataset / BlendedMegatronDatasetBuilder over
-data_prep/preprocess.py output directories.
+data_prep/preprocess.py output directories, and the one reader of a split's token stream.
+
+Each source's manifest is read once (`load_data`) and the resulting `TrainingData` is passed
+on: preflight checks, the tokenizer record, the blend and validation all use it.
 
 Deterministic by construction: sample i of the (blended) dataset is fixed by the seed, the
 sources and L; step k reads global samples [k*G, (k+1)*G) (G = global batch), this
@@ -10,72 +13,104 @@ exactly the samples an uninterrupted run would have.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pretrain.config import Config
+from data_prep.manifest import load_manifest, shard_prefixes
+from pretrain.config import Config, ConfigError
 
 
-def source_dirs(cfg: Config) -> list[Path]:
-    return [Path(s.path) for s in cfg.data.sources]
+@dataclass(frozen=True)
+class Source:
+    """One preprocess output directory, its blend weight, and its manifest (read once)."""
+
+    path: Path
+    weight: float
+    manifest: dict
+
+    def prefixes(self, split: str) -> list[str]:
+        """Absolute prefixes of the merged shards of `split` that hold documents."""
+        return shard_prefixes(self.path, split, manifest=self.manifest)
+
+    def shards(self, split: str) -> list[dict]:
+        return [s for s in self.manifest.get("merged", []) if s["split"] == split and s["documents"] > 0]
 
 
-def data_errors(cfg: Config) -> list[str]:
-    """Sources exist, share one tokenizer, and the model's vocab covers it."""
-    from data_prep.manifest import load_manifest
+@dataclass(frozen=True)
+class TrainingData:
+    sources: list[Source]
 
+    @property
+    def tokenizer(self) -> dict:
+        """The tokenizer record of the data (path, sha256, vocab_size, eod, pad): all sources share it."""
+        return self.sources[0].manifest["tokenizer"]
+
+
+def load_data(cfg: Config) -> TrainingData:
+    """Read every source's manifest once and check the data against the config: sources exist,
+    their shard files are complete, they share one tokenizer, the model's vocab covers it, and
+    there is at least one training sequence. Raises ConfigError listing every problem."""
     if not cfg.data.sources:
-        return ["no training data: pass --data DIR (a data_prep/preprocess.py output directory) "
-                "or set data.sources in the config"]
-    errors, tokenizers = [], {}
-    for d in source_dirs(cfg):
+        raise ConfigError(["no training data: pass --data DIR (a data_prep/preprocess.py output directory) "
+                           "or set data.sources in the config"])
+    errors, sources = [], []
+    for src in cfg.data.sources:
+        root = Path(src.path).resolve()
         try:
-            m = load_manifest(d)
+            source = Source(root, src.weight, load_manifest(root))
         except (FileNotFoundError, ValueError) as e:
             errors.append(str(e))
             continue
-        tok = m["tokenizer"]
-        tokenizers[str(d)] = tok
+        sources.append(source)
+        tok = source.manifest["tokenizer"]
         if tok["vocab_size"] > cfg.model.vocab_size:
             errors.append(
-                f"{d} was tokenized with a {tok['vocab_size']}-token vocabulary ({tok['path']}) but "
+                f"{root} was tokenized with a {tok['vocab_size']}-token vocabulary ({tok['path']}) but "
                 f"model.vocab_size={cfg.model.vocab_size}: set model.vocab_size >= {tok['vocab_size']} "
                 f"(a multiple of 128, e.g. {-(-tok['vocab_size'] // 128) * 128})"
             )
-        if m["splits"]["train"]["tokens"] <= cfg.model.seq_length:
-            errors.append(f"{d} has {m['splits']['train']['tokens']} training tokens, fewer than one "
-                          f"sequence of seq_length={cfg.model.seq_length}: use more data or a shorter L")
+        train_tokens = source.manifest["splits"]["train"]["tokens"]
+        if train_tokens <= cfg.model.seq_length:
+            errors.append(f"{root} has {train_tokens} training tokens, fewer than one sequence of "
+                          f"seq_length={cfg.model.seq_length}: use more data or a shorter L")
+        errors += _shard_file_errors(source)
+    tokenizers = {str(s.path): s.manifest["tokenizer"] for s in sources}
     if len({t["sha256"] for t in tokenizers.values()}) > 1:
         listing = ", ".join(f"{d}: {t['path']} ({t['sha256'][:12]})" for d, t in tokenizers.items())
         errors.append(f"data sources use different tokenizers ({listing}): re-tokenize them with one tokenizer")
-    return errors
+    if errors:
+        raise ConfigError(errors)
+    return TrainingData(sources)
 
 
-def tokenizer_info(cfg: Config) -> dict:
-    """The tokenizer record of the first source's manifest (path, sha256, vocab_size, ...)."""
-    from data_prep.manifest import load_manifest
+def _shard_file_errors(source: Source) -> list[str]:
+    """Merged shards the manifest lists but the directory lacks, or holds at another size (an
+    interrupted copy, a partial rsync): megatron would fail on them mid-run, or read garbage."""
+    for split in ("train", "valid"):
+        for s in source.shards(split):
+            bin_path = source.path / f"{s['prefix']}.bin"
+            size = os.path.getsize(bin_path) if bin_path.is_file() else None
+            if size != s["bin_bytes"] or not bin_path.with_suffix(".idx").is_file():
+                found = "missing" if size is None else f"{size} bytes"
+                return [f"{bin_path} is incomplete ({found}, manifest.json says {s['bin_bytes']} bytes, "
+                        f"or its .idx is missing): copy the directory again or re-run preprocess"]
+    return []
 
-    return load_manifest(source_dirs(cfg)[0])["tokenizer"]
 
-
-def _blend(cfg: Config, split: str) -> tuple[list[str], list[float]] | None:
+def _blend(data: TrainingData, split: str) -> tuple[list[str], list[float]] | None:
     """Shard prefixes of every source and their weights: the source weight spread over its
     shards in proportion to their tokens (so each source is sampled at its configured rate)."""
-    from data_prep.manifest import load_manifest, shard_prefixes
-
     prefixes, weights = [], []
-    total_w = sum(s.weight for s in cfg.data.sources)
-    for src in cfg.data.sources:
-        root = Path(src.path).resolve()
-        shards = [s for s in load_manifest(root).get("merged", []) if s["split"] == split and s["documents"] > 0]
-        if [str(root / s["prefix"]) for s in shards] != shard_prefixes(root, split):
-            raise ValueError(f"{root}/manifest.json: merged shard list is inconsistent; re-run preprocess")
+    total_w = sum(s.weight for s in data.sources)
+    for src in data.sources:
+        shards = src.shards(split)
         tokens = sum(s["tokens"] for s in shards)
-        for s in shards:
-            prefixes.append(str(root / s["prefix"]))
-            weights.append(src.weight / total_w * s["tokens"] / tokens)
+        prefixes += src.prefixes(split)
+        weights += [src.weight / total_w * s["tokens"] / tokens for s in shards]
     return (prefixes, weights) if prefixes else None
 
 
@@ -90,7 +125,7 @@ class _Tok:
         self.unique_identifiers = {"class": "sentencepiece", "sha256": info["sha256"]}  # dataset descriptions
 
 
-def build_train_dataset(cfg: Config):
+def build_train_dataset(cfg: Config, data: TrainingData):
     """The training dataset of steps x global_batch samples of L+1 tokens."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -99,8 +134,8 @@ def build_train_dataset(cfg: Config):
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
-        blend_per_split=[_blend(cfg, "train"), None, None],
-        tokenizer=_Tok(tokenizer_info(cfg)),
+        blend_per_split=[_blend(data, "train"), None, None],
+        tokenizer=_Tok(data.tokenizer),
         reset_position_ids=cfg.data.reset_position_ids,
         reset_attention_mask=False,
         eod_mask_loss=cfg.data.eod_mask_loss,
@@ -134,21 +169,25 @@ class BatchReader:
         return out
 
 
-def validation_tokens(cfg: Config, max_tokens: int) -> torch.Tensor:
-    """The first `max_tokens` tokens of the valid split of the first source, documents
-    concatenated in order (each ends with eod), as one 1-D stream for nonoverlapping windows."""
-    from data_prep.manifest import shard_prefixes
+def split_tokens(data_dir: str | Path, split: str = "valid", max_tokens: int | None = None,
+                 manifest: dict | None = None) -> torch.Tensor:
+    """The documents of `split` ('train', 'valid' or 'all' = train then valid) of a preprocess
+    output directory, concatenated in order (each ends with its eod token), as one int64 stream
+    [N] for perplexity windows; only its first `max_tokens` when given (read no further).
+    Training validation and tools/eval_extrapolation.py both read evaluation tokens here."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    manifest = manifest if manifest is not None else load_manifest(data_dir)
+    splits = ("train", "valid") if split == "all" else (split,)
     chunks, n = [], 0
-    for prefix in shard_prefixes(cfg.data.sources[0].path, "valid"):
-        ds = IndexedDataset(prefix)
+    for prefix in [p for s in splits for p in shard_prefixes(data_dir, s, manifest=manifest)]:
+        ds = IndexedDataset(prefix, mmap=True)
         for i in range(len(ds)):
-            doc = np.asarray(ds[i], dtype=np.int64)
-            chunks.append(doc)
-            n += doc.size
-            if n >= max_tokens:
+            chunks.append(np.asarray(ds[i], dtype=np.int64))
+            n += chunks[-1].size
+            if max_tokens is not None and n >= max_tokens:
                 return torch.from_numpy(np.concatenate(chunks)[:max_tokens])
     if not chunks:
-        raise ValueError(f"{cfg.data.sources[0].path} has no valid split: preprocess with --valid-fraction > 0")
+        raise ValueError(f"{data_dir} has no {split!r} documents: preprocess with --valid-fraction > 0 for a "
+                         "valid split, or evaluate another split (--split all)")
     return torch.from_numpy(np.concatenate(chunks))

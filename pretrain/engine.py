@@ -10,8 +10,6 @@ DeepSpeed as its `mpu` so gradient norms and ZeRO partitions span the right rank
 
 from __future__ import annotations
 
-import math
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +23,8 @@ from megatron.core.models.gpt import GPTModel
 
 from pretrain.config import Config
 from pretrain.model import build_model
-from pretrain.parallel import MegatronMPU, accelerator_device
+from pretrain.model.params import init_weights
+from pretrain.parallel import Layout, MegatronMPU, accelerator_device
 
 
 def use_bf16(cfg: Config) -> bool:
@@ -41,65 +40,6 @@ def _avoid_deepspeed_jit() -> None:
 
         # (`import deepspeed.comm.torch` would bind the torch package: deepspeed.comm re-exports it)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-
-# ---------------------------------------------------------------- names and init
-
-
-def global_names(gpt: GPTModel) -> dict[str, str]:
-    """Local parameter name -> the name it has in the TP=1, PP=1 model (global layer numbers).
-    The last stage's tied output weight (pp > 1) maps to the first stage's embedding name."""
-    names = {}
-    embedding = next((n for n, _ in gpt.named_parameters() if n.endswith("word_embeddings.weight")),
-                     "embedding.word_embeddings.weight")
-    for local, _ in gpt.named_parameters():
-        name = local
-        if local.startswith("decoder.layers."):
-            idx, rest = local[len("decoder.layers."):].split(".", 1)
-            name = f"decoder.layers.{gpt.decoder.layers[int(idx)].layer_number - 1}.{rest}"
-        elif local == "output_layer.weight" and gpt.share_embeddings_and_output_weights:
-            name = embedding
-        names[local] = name
-    return names
-
-
-def partition_dim(p: torch.Tensor) -> int | None:
-    """The dim a tensor-parallel parameter is split along (megatron's own attribute), or None."""
-    return p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
-
-
-@torch.no_grad()
-def init_weights(gpt: GPTModel, cfg: Config) -> None:
-    """Initialize every parameter from its *global* name, so the model is the same for any
-    tensor/pipeline layout (megatron's own init depends on the stage's RNG position).
-    Each full tensor is drawn from a generator seeded by (seed, name), then this rank's TP slice
-    is kept. Stds follow megatron-core: init_method_std for input projections,
-    std / sqrt(2 * num_layers) for the projections back into the residual stream,
-    embedding_init_std for the (tied) embedding; LayerNorm weights 1."""
-    m = cfg.model
-    tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    names = global_names(gpt)
-    for local, p in gpt.named_parameters():
-        name = names[local]
-        if "norm" in name:
-            p.fill_(1.0)
-            continue
-        if name.endswith("word_embeddings.weight"):
-            std = getattr(m, "embedding_init_std", m.init_method_std)
-            name = "embedding.word_embeddings.weight"  # one draw for the embedding and its tied copy
-        elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-            std = m.init_method_std / math.sqrt(2.0 * m.num_layers)
-        elif name.endswith(("linear_qkv.weight", "linear_fc1.weight")):
-            std = m.init_method_std
-        else:
-            raise ValueError(f"init_weights: no init rule for parameter {name}; add one in pretrain/engine.py")
-        dim = partition_dim(p)
-        shape = list(p.shape)
-        if dim is not None:
-            shape[dim] *= tp
-        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + zlib.crc32(name.encode()))
-        full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-        p.copy_(full if dim is None else full.chunk(tp, dim)[tp_rank])
 
 
 # ---------------------------------------------------------------- modules
@@ -118,7 +58,7 @@ def _build_gpt(cfg: Config, pre_process: bool, post_process: bool) -> GPTModel:
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     gpt = build_model(cfg.model, pre_process=pre_process, post_process=post_process, params_dtype=dtype,
                       transformer_overrides=_transformer_overrides(cfg))
-    init_weights(gpt, cfg)
+    init_weights(gpt, cfg.model, cfg.train.seed)
     return gpt
 
 
@@ -220,12 +160,12 @@ def _clip_fp32_grads(module: torch.nn.Module, max_norm: float) -> float:
     return norm
 
 
-def ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def ds_config(cfg: Config, layout: Layout) -> dict[str, Any]:
     t, o = cfg.train, cfg.optim
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accumulation(world_size),
+        "gradient_accumulation_steps": layout.accumulation,
         "optimizer": {
             "type": "AdamW",
             # torch_adam: torch's AdamW instead of DeepSpeed's JIT-built FusedAdam (~2 min build on CPU)
@@ -259,13 +199,13 @@ class StepResult:
 class Trainer:
     """Owns the DeepSpeed engine; `train_step` runs one optimizer step over a global batch."""
 
-    def __init__(self, cfg: Config, world_size: int):
+    def __init__(self, cfg: Config, layout: Layout):
         _avoid_deepspeed_jit()
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # joins our running process group
         self.cfg = cfg
-        self.pp = cfg.parallel.pipeline_parallel
+        self.layout, self.pp = layout, layout.pp
         self.state = StepState()
-        config = ds_config(cfg, world_size)
+        config = ds_config(cfg, layout)
         if self.pp == 1:
             self.gpt = _build_gpt(cfg, pre_process=True, post_process=True)
             module = GPTWithLoss(self.gpt)
@@ -273,8 +213,7 @@ class Trainer:
         else:
             from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-            tp = cfg.parallel.tensor_parallel
-            topo = PipeModelDataParallelTopology(num_pp=self.pp, num_mp=tp, num_dp=world_size // (tp * self.pp))
+            topo = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
             module = StagePipe(layers=[deepspeed.pipe.LayerSpec(GPTStage, cfg) for _ in range(self.pp)],
                                topology=topo, loss_fn=_pipeline_loss(self.state), partition_method="uniform")
             self.gpt = module.forward_funcs[0].gpt

@@ -1,7 +1,7 @@
 """The training loop: resume, step, log, validate, checkpoint, stop on a signal or on K bad steps.
 
 It reads top to bottom; the pieces live in engine.py (the step), data.py (the batches),
-checkpoint.py (save/resume), metrics.py (records) and evaluate.py (perplexity).
+checkpoint.py (save/resume), metrics.py (records) and perplexity.py (validation windows).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +17,8 @@ import torch.distributed as dist
 import yaml
 
 from pretrain.config import Config, ConfigError, to_dict
-from pretrain.parallel import DistEnv, accelerator_device
+from pretrain.data import TrainingData
+from pretrain.parallel import DistEnv, Layout, accelerator_device
 from pretrain.stop import StopRequest
 
 
@@ -24,28 +26,43 @@ class TrainingError(RuntimeError):
     """The run cannot continue (e.g. K non-finite losses in a row); a checkpoint was written."""
 
 
-def preflight(cfg: Config, world_size: int, run_dir: Path) -> None:
+@dataclass(frozen=True)
+class Plan:
+    """What preflight established, passed on so nothing is read or checked twice."""
+
+    layout: Layout
+    data: TrainingData
+    checkpoint: tuple[Path, dict] | None
+    """The newest complete checkpoint of the run directory and its meta, or None (a fresh run)."""
+
+
+def preflight(cfg: Config, env: DistEnv, run_dir: Path) -> Plan:
     """Every config, data and checkpoint error at once, before any process group exists."""
     from pretrain import checkpoint
-    from pretrain.data import data_errors, tokenizer_info
+    from pretrain.data import load_data
 
-    errors = []
+    errors, data, found = [], None, None
     try:
-        cfg.validate(world_size)
+        cfg.validate(env.world_size)
     except ConfigError as e:
         errors += e.errors
-    errors += data_errors(cfg)
+    try:
+        data = load_data(cfg)
+    except ConfigError as e:
+        errors += e.errors
+    layout = Layout.of(cfg, env.world_size)
     if not errors:
         try:
             found = checkpoint.find_checkpoint(run_dir)
         except checkpoint.CheckpointError as e:
-            found, errors = None, errors + [str(e)]
+            errors.append(str(e))
         if found is not None:
-            problems = checkpoint.compatibility_errors(found[1], cfg, tokenizer_info(cfg), world_size)
+            problems = checkpoint.compatibility_errors(found[1], cfg, data.tokenizer, layout)
             errors += [f"cannot resume {found[0]}: {p}; use a new --run-dir for a different model, "
                        "tokenizer or layout" for p in problems]
     if errors:
         raise ConfigError(errors)
+    return Plan(layout, data, found)
 
 
 def validate_ppl(trainer, cfg: Config, tokens: torch.Tensor) -> dict[int, float]:
@@ -55,7 +72,7 @@ def validate_ppl(trainer, cfg: Config, tokens: torch.Tensor) -> dict[int, float]
     schedule needs equal micro-batch counts per replica; validation is small)."""
     from megatron.core import parallel_state as ps
 
-    from pretrain.evaluate import nonoverlapping_windows
+    from pretrain.perplexity import nonoverlapping_windows
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     out = {}
@@ -93,23 +110,26 @@ def train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest | None = N
     from pretrain import checkpoint, data
     from pretrain.engine import Trainer
     from pretrain.metrics import MetricsLogger, peak_memory_gb, throughput
-    from pretrain.parallel import init_distributed
+    from pretrain.parallel import init_model_parallel
     from pretrain.schedule import lr_at
 
-    preflight(cfg, env.world_size, run_dir)
+    plan = preflight(cfg, env, run_dir)
+    layout, tokenizer = plan.layout, plan.data.tokenizer
     run_dir.mkdir(parents=True, exist_ok=True)
     stop = stop or StopRequest()
-    init_distributed(env, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train.seed)
+    init_model_parallel(layout.tp, layout.pp, seed=cfg.train.seed, env=env)
     if env.rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    trainer = Trainer(cfg, env.world_size)
-    tokenizer = data.tokenizer_info(cfg)
-    meta = checkpoint.resume(trainer, run_dir, tokenizer) or {}
+    trainer = Trainer(cfg, layout)
+    meta = checkpoint.resume(trainer, plan.checkpoint) or {}
     step, bad_in_row, skipped = meta.get("step", 0), meta.get("bad_in_row", 0), meta.get("skipped_total", 0)
-    reader = data.BatchReader(data.build_train_dataset(cfg), cfg, ps.get_data_parallel_rank(),
+    reader = data.BatchReader(data.build_train_dataset(cfg, plan.data), cfg, ps.get_data_parallel_rank(),
                               ps.get_data_parallel_world_size())
-    val_tokens = data.validation_tokens(cfg, cfg.validation.tokens) if cfg.validation.interval else None
+    val_tokens = None
+    if cfg.validation.interval:  # the first tokens of the first source's valid split
+        first = plan.data.sources[0]
+        val_tokens = data.split_tokens(first.path, "valid", cfg.validation.tokens, first.manifest)
     logger = MetricsLogger(cfg, run_dir, env.rank, step)
 
     def save(at: int) -> None:
@@ -128,7 +148,7 @@ def train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest | None = N
         if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
             step_time = (time.time() - t_log) / steps_since_log
             logger.log({"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                        **throughput(cfg, env.world_size, step_time), "peak_mem_gb": peak_memory_gb(),
+                        **throughput(cfg, layout, step_time), "peak_mem_gb": peak_memory_gb(),
                         "step_time_s": step_time, "skipped_steps": skipped,
                         "consumed_samples": step * cfg.train.global_batch_size})
             t_log, steps_since_log = time.time(), 0

@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from pretrain.config import Config
+from pretrain.parallel import Layout
 
 GIB = 1024**3
 
@@ -30,9 +31,7 @@ def parameter_count(cfg: Config) -> int:
 
 @dataclass
 class MemoryEstimate:
-    world_size: int
-    dp: int
-    accumulation: int
+    layout: Layout
     params_per_gpu: int
     """Parameters on the busiest rank (first/last pipeline stage hold the embedding)."""
     params_gb: float
@@ -45,10 +44,10 @@ class MemoryEstimate:
         return self.params_gb + self.grads_gb + self.optimizer_gb + self.activations_gb
 
     def table(self, cfg: Config) -> str:
-        p, t = cfg.parallel, cfg.train
+        p, t, lay = cfg.parallel, cfg.train, self.layout
         rows = [
-            ("layout", f"world {self.world_size} = tp {p.tensor_parallel} x pp {p.pipeline_parallel} x dp {self.dp}"),
-            ("batch", f"global {t.global_batch_size} = micro {t.micro_batch_size} x accum {self.accumulation} x dp {self.dp}"),
+            ("layout", f"world {lay.world_size} = tp {lay.tp} x pp {lay.pp} x dp {lay.dp}"),
+            ("batch", f"global {t.global_batch_size} = micro {t.micro_batch_size} x accum {lay.accumulation} x dp {lay.dp}"),
             ("parameters (model)", f"{parameter_count(cfg) / 1e9:.3f} B"),
             ("parameters (per GPU)", f"{self.params_per_gpu / 1e6:.1f} M"),
             ("weights", f"{self.params_gb:8.2f} GiB"),
@@ -60,18 +59,16 @@ class MemoryEstimate:
         other = []
         for stage in (0, 1, 2, 3) if p.pipeline_parallel == 1 else (0, 1):
             alt = dataclasses.replace(cfg, parallel=dataclasses.replace(p, zero_stage=stage))
-            other.append(f"ZeRO-{stage} {estimate_memory(alt, self.world_size).total_gb:.1f}")
+            other.append(f"ZeRO-{stage} {estimate_memory(alt, lay).total_gb:.1f}")
         rows.append(("total by ZeRO stage", " | ".join(other) + " GiB"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def estimate_memory(cfg: Config, world_size: int, *, bf16: bool = True, flex_attention: bool = True) -> MemoryEstimate:
-    """Estimate per-GPU memory of `cfg` on `world_size` GPUs (the layout must be valid)."""
+def estimate_memory(cfg: Config, layout: Layout, *, bf16: bool = True, flex_attention: bool = True) -> MemoryEstimate:
+    """Estimate per-GPU memory of `cfg` laid out as `layout`."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    tp, pp = p.tensor_parallel, p.pipeline_parallel
-    dp = world_size // (tp * pp)
-    accumulation = max(1, t.global_batch_size // (t.micro_batch_size * dp))
+    tp, pp, dp, accumulation = layout.tp, layout.pp, layout.dp, layout.accumulation
     h, s, b, a = m.hidden_size, m.seq_length, t.micro_batch_size, m.num_attention_heads
     per_layer = (4 * h * h + 2 * h * m.ffn_hidden_size) // tp + 2 * h
     embedding = m.vocab_size * h // tp
@@ -96,9 +93,7 @@ def estimate_memory(cfg: Config, world_size: int, *, bf16: bool = True, flex_att
     acts *= min(pp, accumulation)
     logits = s * b * m.vocab_size / tp * 4 * 2  # fp32 logits + their gradient on the last stage
     return MemoryEstimate(
-        world_size=world_size,
-        dp=dp,
-        accumulation=accumulation,
+        layout=layout,
         params_per_gpu=params,
         params_gb=weights / GIB,
         grads_gb=grads / GIB,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pretrain.config import Config, to_dict
+from pretrain.parallel import Layout
 
 
 def flops_per_token(cfg: Config, seq_length: int | None = None) -> float:
@@ -32,14 +33,14 @@ def flops_per_token(cfg: Config, seq_length: int | None = None) -> float:
     return 6.0 * matrices + 12.0 * m.num_layers * m.hidden_size * s
 
 
-def throughput(cfg: Config, world_size: int, step_time_s: float) -> dict[str, float]:
+def throughput(cfg: Config, layout: Layout, step_time_s: float) -> dict[str, float]:
     """tokens/s (whole job), TFLOP/s per GPU and MFU for one optimizer step of `step_time_s`."""
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     tokens_per_s = tokens / step_time_s
-    tflops = flops_per_token(cfg) * tokens_per_s / world_size / 1e12
+    tflops = flops_per_token(cfg) * tokens_per_s / layout.world_size / 1e12
     return {
         "tokens_per_s": tokens_per_s,
-        "tokens_per_s_per_gpu": tokens_per_s / world_size,
+        "tokens_per_s_per_gpu": tokens_per_s / layout.world_size,
         "tflops_per_gpu": tflops,
         "mfu": tflops / cfg.hardware.peak_tflops,
     }

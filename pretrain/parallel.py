@@ -1,8 +1,11 @@
-"""Process-group set-up: launcher environment -> torch.distributed -> megatron parallel_state.
+"""The parallel layout and process-group start-up: launcher environment -> torch.distributed ->
+megatron parallel_state.
 
-Why here: one place owns the rank order (tp fastest, then dp, then pp: megatron's
-"tp-cp-ep-dp-pp" and DeepSpeed's PipeModelDataParallelTopology(pipe, data, model) agree),
-the launcher variables (torchrun, srun, or none) and the DeepSpeed `mpu` adapter.
+Why here: one place owns the layout arithmetic (`Layout`: world = tp x pp x dp, global batch =
+micro x accumulation x dp), the rank order (tp fastest, then dp, then pp: megatron's
+"tp-cp-ep-dp-pp" and DeepSpeed's PipeModelDataParallelTopology(pipe, data, model) agree), the
+launcher variables (torchrun, srun, or none), process-group start-up and the DeepSpeed `mpu`
+adapter. torch is imported lazily: `Layout` is used by the config checks and --dry-run.
 """
 
 from __future__ import annotations
@@ -11,9 +14,50 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    from pretrain.config import Config
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a run's `world_size` ranks split, built once per run from the config and the launcher
+    (`Layout.of`) and passed wherever the world size is needed."""
+
+    world_size: int
+    tp: int
+    """Tensor-parallel degree."""
+    pp: int
+    """Pipeline-parallel degree."""
+    dp: int
+    """Data-parallel degree: world_size / (tp x pp)."""
+    accumulation: int
+    """Micro-batches per optimizer step per data-parallel rank: global / (micro x dp)."""
+
+    @classmethod
+    def of(cls, cfg: Config, world_size: int) -> Layout:
+        """The layout of `cfg` on `world_size` ranks; `errors` lists why it may not be valid."""
+        tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
+        dp = max(1, world_size // (tp * pp))
+        accumulation = max(1, cfg.train.global_batch_size // (max(1, cfg.train.micro_batch_size) * dp))
+        return cls(world_size=world_size, tp=tp, pp=pp, dp=dp, accumulation=accumulation)
+
+    @staticmethod
+    def errors(cfg: Config, world_size: int) -> list[str]:
+        """Why `cfg` cannot run on `world_size` ranks (world and batch divisibility), with the fix."""
+        tp, pp, t = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train
+        if tp <= 0 or pp <= 0:
+            return [f"parallel.tensor_parallel={tp} and pipeline_parallel={pp} must be positive"]
+        if world_size % (tp * pp):
+            return [f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = "
+                    f"{tp * pp}: change the GPU count or the layout"]
+        dp = Layout.of(cfg, world_size).dp
+        if t.micro_batch_size > 0 and t.global_batch_size % (t.micro_batch_size * dp):
+            return [f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x "
+                    f"data_parallel = {t.micro_batch_size} x {dp}: global batch = micro x accumulation x dp, "
+                    f"so use a multiple of {t.micro_batch_size * dp}"]
+        return []
 
 
 @dataclass(frozen=True)
@@ -61,28 +105,64 @@ def read_env(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv(rank, world, local, addr, port)
 
 
-def init_distributed(env: DistEnv, tensor_parallel: int, pipeline_parallel: int, seed: int) -> None:
-    """Start the default process group (nccl on GPU, gloo on CPU) and megatron's model-parallel
-    groups. We start torch.distributed ourselves so DeepSpeed's init_distributed finds it
-    already running (see engine.py for the CPU shm-op build we avoid)."""
+def _start_process_group(env: DistEnv) -> None:
+    """The default process group (nccl on GPU, gloo on CPU). The launcher variables are also
+    exported, since DeepSpeed's init_distributed reads them and then finds this group running."""
+    import torch
+    import torch.distributed as dist
+
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
                       RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if torch.cuda.is_available() else "gloo",
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=timedelta(minutes=30),
-        )
-    from pretrain.model.compat import init_model_parallel
+    dist.init_process_group(
+        backend="nccl" if torch.cuda.is_available() else "gloo",
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(minutes=30),
+    )
 
-    init_model_parallel(tensor_parallel, pipeline_parallel, seed=seed)
+
+def seed_rng(seed: int) -> None:
+    """Seed torch, and megatron-core's model-parallel RNG tracker (CUDA) or its no-op CPU
+    stand-in (the CUDA tracker cannot be created without a GPU)."""
+    import torch
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, env: DistEnv | None = None) -> None:
+    """Join or start torch.distributed, build megatron-core's parallel_state groups for tp x pp
+    (data parallel = world / (tp x pp)), then seed.
+
+    Without a running process group one is started from `env` (default: the launcher's,
+    `read_env()`: torchrun, srun, or a single process on a free port). Calling it again with
+    another tp/pp rebuilds megatron's groups on the same process group (tests, tools)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from pretrain.model.compat import apply_cpu_compat
+
+    apply_cpu_compat()
+    if not dist.is_initialized():
+        _start_process_group(env or read_env())
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not divisible by tp x pp = {tp} x {pp}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    seed_rng(seed)
 
 
 def destroy() -> None:
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()

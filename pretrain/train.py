@@ -38,19 +38,19 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
-    ap.add_argument("--run-dir", default=None, help="checkpoints, metrics.jsonl, wandb (default outputs/<config>)")
-    ap.add_argument("--data", default=None, help="a data_prep/preprocess.py output directory")
+    ap.add_argument("--run-dir", default=None, help="checkpoints, metrics.jsonl, wandb; None: outputs/<config name>")
+    ap.add_argument("--data", default=None, help="a data_prep/preprocess.py output directory (replaces the config's data.sources); None: the config's")
     for flag in FLAGS:
-        ap.add_argument("--" + flag.replace("_", "-"), type=int, default=None, help=f"sets {FLAGS[flag]}")
+        ap.add_argument("--" + flag.replace("_", "-"), type=int, default=None, help=f"sets {FLAGS[flag]}; None: the config's value")
     ap.add_argument("--dry-run", action="store_true", help="validate the layout, print memory per GPU, exit")
-    ap.add_argument("--world-size", type=int, default=None, help="--dry-run: GPUs to plan for (default: launcher's)")
+    ap.add_argument("--world-size", type=int, default=None, help="--dry-run: GPUs to plan for; None: the launcher's (WORLD_SIZE or SLURM_NTASKS, else 1)")
     ap.add_argument("overrides", nargs="*", help="key.path=value (YAML value)")
     args = ap.parse_args(argv)
     stop = None if args.dry_run else StopRequest()  # before the slow imports: no signal is lost
 
-    from pretrain.parallel import read_env
+    from pretrain.parallel import Layout, read_env
 
     try:
         cfg = build_config(args)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
             world = args.world_size or int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
             cfg.validate(world)
-            estimate = estimate_memory(cfg, world)
+            estimate = estimate_memory(cfg, Layout.of(cfg, world))
             print(f"config {args.config}: valid for {world} GPUs\n")
             print(estimate.table(cfg))
             if estimate.total_gb > cfg.hardware.gpu_memory_gb:

@@ -34,7 +34,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_unconfigure(config):
     # torch 2.13's gloo can abort in its exit handlers after a finished run ("terminate called
-    # without an active exception", about 1 run in 10, REFERENCE.md section 5), which would turn
+    # without an active exception", about 1 run in 10, docs/reference.md §5), which would turn
     # a green run red: where a process group existed, leave without those handlers.
     if _exit_status is not None:
         import sys

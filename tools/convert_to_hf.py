@@ -69,12 +69,12 @@ def convert(checkpoint: str | Path, output: str | Path, max_positions: int | Non
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a run directory or one of its checkpoints")
     ap.add_argument("--output", required=True, help="the Hugging Face model directory to write")
     ap.add_argument("--max-positions", type=int, default=None,
                     help="longest input the HF model accepts (default 16 x the training length)")
-    ap.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: from the data manifest)")
+    ap.add_argument("--tokenizer", default=None, help="SentencePiece .model; None: the one the checkpoint's data manifest names")
     args = ap.parse_args(argv)
     out = convert(args.checkpoint, args.output, args.max_positions, args.tokenizer)
     print(f"wrote {out} (load with AutoModelForCausalLM.from_pretrained({str(out)!r}))")

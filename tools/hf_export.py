@@ -2,7 +2,7 @@
 
 - ALiBi -> `MptForCausalLM`: same block (pre-LN, LayerNorm without bias, no linear biases, exact
   GELU, 4x MLP, tied embeddings, final LN); MPT keeps its ALiBi bias in fp32 and uses the paper's
-  slopes (non-power-of-two rule included). Bloom and Falcon do not (REFERENCE.md section 4).
+  slopes (non-power-of-two rule included). Bloom and Falcon do not (docs/reference.md §4).
 - sinusoidal -> `GPT2LMHeadModel`: the fixed table written into `wpe` for `max_positions`
   positions, zero biases, exact GELU, Conv1D weights transposed; an embedding scale s is folded in
   by untying: `wte = s * E`, `lm_head = E`.

@@ -21,15 +21,16 @@ from tools import main_pipeline as mp
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--output", type=Path, default=Path("outputs/main_job"))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--output", type=Path, default=Path("outputs/main_job"), help="everything the job writes goes here")
     ap.add_argument("--quick", action="store_true", help="small corpus, few steps: checks the path, not the result")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per model (default 1000; --quick 16)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per model; None: the configs' (1000; --quick: 16)")
     ap.add_argument("--fresh", action="store_true", help="delete OUTPUT first instead of reusing finished stages")
     args = ap.parse_args(argv)
     s = mp.QUICK if args.quick else mp.FULL
     if args.steps:
-        s = mp.Settings(**{**s.__dict__, "steps": args.steps})
+        s = mp.Settings(**{**s.__dict__, "overrides": (*s.overrides, f"train.steps={args.steps}",
+                                                        f"train.log_interval={max(1, args.steps // 20)}")})
     out = args.output.resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -39,11 +40,12 @@ def main(argv=None) -> dict:
     tok, data = mp.build_data(out, s)
     runs = mp.train(out, data, s)
     hf = mp.export(out, runs["alibi"], tok, s)
-    records = mp.evaluate(out, data, {"alibi": runs["alibi"], "alibi (HF export)": hf,
-                                      "sinusoidal": runs["sinusoidal"]}, s)
+    records = mp.extrapolation(out, data, {"alibi": runs["alibi"], "alibi (HF export)": hf,
+                                           "sinusoidal": runs["sinusoidal"]}, s)
     table = mp.comparison_table(records, runs)
+    cfg = mp.model_config("alibi", s)
     (out / "comparison.md").write_text(
-        f"Tiny models (2 layers, d 128) trained at L={s.seq_length} for {s.steps} steps (side by side, one CPU thread "
+        f"Tiny models (2 layers, d 128) trained at L={cfg.model.seq_length} for {cfg.train.steps} steps (side by side, one CPU thread "
         "each; train s = summed step time); validation perplexity, nonoverlapping windows over the same token "
         "stream at every length (tokens scored per length: eval/results.json).\n\n" + table)
     summary = {"wall_s": round(time.time() - t0, 1), "settings": s.__dict__, "results": records,

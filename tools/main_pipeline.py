@@ -15,29 +15,33 @@ from pathlib import Path
 
 import torch
 
+from pretrain.config import Config, load_config
 from tools.jobs import ROOT, child_env, train_cmd
 from tools.runs import read_run
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What --quick changes; everything else is the same code path."""
+    """What --quick changes; everything else is the same code path and the shipped configs."""
 
     corpus_mb: float
-    steps: int
     length_multipliers: tuple[int, ...]
     eval_tokens: int
     """Validation tokens scored per length (the first of the valid split)."""
-    seq_length: int = 64
-    global_batch: int = 16
-    lr: float = 3e-3
-    warmup: int = 30
-    vocab: int = 4096
+    overrides: tuple[str, ...] = ()
+    """Config overrides applied to every model (--quick: a few steps of a smaller batch)."""
 
 
-FULL = Settings(corpus_mb=5.0, steps=1000, length_multipliers=(1, 2, 4, 8, 16), eval_tokens=32768)
-QUICK = Settings(corpus_mb=1.0, steps=16, length_multipliers=(1, 2, 8), eval_tokens=2048, global_batch=8, warmup=4)
-MODELS = {"alibi": "configs/tiny_alibi.yaml", "sinusoidal": "configs/tiny_sinusoidal.yaml"}
+FULL = Settings(corpus_mb=5.0, length_multipliers=(1, 2, 4, 8, 16), eval_tokens=32768)
+QUICK = Settings(corpus_mb=1.0, length_multipliers=(1, 2, 8), eval_tokens=2048,
+                 overrides=("train.steps=16", "train.global_batch_size=8", "train.micro_batch_size=8",
+                            "optim.warmup_steps=4", "train.log_interval=1"))
+MODELS = {"alibi": ROOT / "configs" / "main_job_alibi.yaml", "sinusoidal": ROOT / "configs" / "main_job_sinusoidal.yaml"}
+
+
+def model_config(name: str, s: Settings) -> Config:
+    """The config `name` trains with (its YAML plus the settings' overrides)."""
+    return load_config(MODELS[name], s.overrides)
 
 
 def stage(name: str):
@@ -58,7 +62,8 @@ def build_data(out: Path, s: Settings) -> tuple[Path, Path]:
         (corpus / ".complete").touch()
     tok = out / "tokenizer" / "tok.model"
     if not tok.is_file():
-        train_tokenizer(sorted(corpus.glob("default.*")), s.vocab, tok.with_suffix(""), sample_mb=2 * s.corpus_mb)
+        vocab = model_config("alibi", s).model.vocab_size
+        train_tokenizer(sorted(corpus.glob("default.*")), vocab, tok.with_suffix(""), sample_mb=2 * s.corpus_mb)
     data = out / "data"
     if not (data / "manifest.json").is_file():
         m = preprocess(sorted(corpus.glob("default.*")), tok, data, valid_fraction=0.05, quiet=True)
@@ -70,23 +75,21 @@ def build_data(out: Path, s: Settings) -> tuple[Path, Path]:
 def train(out: Path, data: Path, s: Settings) -> dict[str, Path]:
     """Train both tiny models with pretrain/train.py, as a user would, side by side (one CPU
     thread each: the 2-core laptop case), polling their metrics.jsonl for progress."""
-    t = stage(f"train tiny {' and '.join(MODELS)} at L={s.seq_length} for {s.steps} steps (in parallel)")
+    cfg = model_config("alibi", s)
+    steps = cfg.train.steps
+    t = stage(f"train tiny {' and '.join(MODELS)} at L={cfg.model.seq_length} for {steps} steps (in parallel)")
     procs, runs = {}, {}
     for name, config in MODELS.items():
         run_dir = runs[name] = out / "runs" / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = train_cmd(ROOT / config, run_dir, data, "--steps", str(s.steps), "--seq-length", str(s.seq_length),
-                        "--log-interval", str(max(1, s.steps // 20)), overrides=[
-                            f"train.global_batch_size={s.global_batch}", f"train.micro_batch_size={s.global_batch}",
-                            f"optim.lr={s.lr}", f"optim.min_lr={s.lr / 10:g}", f"optim.warmup_steps={s.warmup}",
-                            "validation.interval=0", "wandb.enabled=false"])
+        cmd = train_cmd(config, run_dir, data, overrides=list(s.overrides))
         log = open(run_dir / "train.log", "w")
         proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT)
         procs[name] = (proc, log)
         print(f"{name}: {' '.join(cmd)}\n  log: {run_dir / 'train.log'}", flush=True)
     while any(p.poll() is None for p, _ in procs.values()):
-        time.sleep(2 if s.steps < 100 else 15)
-        print("  " + ", ".join(f"{n}: {_last_step(runs[n])}/{s.steps} steps" for n in procs), flush=True)
+        time.sleep(2 if steps < 100 else 15)
+        print("  " + ", ".join(f"{n}: {_last_step(runs[n])}/{steps} steps" for n in procs), flush=True)
     for name, (p, log) in procs.items():
         log.close()
         if p.returncode:
@@ -106,25 +109,25 @@ def export(out: Path, run_dir: Path, tok: Path, s: Settings) -> Path:
     from tools.convert_to_hf import convert
 
     t = stage("export tiny ALiBi to Hugging Face (MptForCausalLM)")
-    hf = convert(run_dir, out / "hf" / run_dir.name, max_positions=max(s.length_multipliers) * s.seq_length,
+    L = model_config("alibi", s).model.seq_length
+    hf = convert(run_dir, out / "hf" / run_dir.name, max_positions=max(s.length_multipliers) * L,
                  tokenizer=tok)
     print(f"done in {time.time() - t:.0f} s: {hf}")
     return hf
 
 
-def evaluate(out: Path, data: Path, models: dict[str, Path], s: Settings) -> list[dict]:
-    from tools.eval_extrapolation import write_results
-    from tools.evaluation import evaluate as run_eval
-    from tools.evaluation import load_model, load_tokens
+def extrapolation(out: Path, data: Path, models: dict[str, Path], s: Settings) -> list[dict]:
+    from pretrain.data import split_tokens
+    from tools.eval_extrapolation import evaluate, write_results
+    from tools.eval_models import load_model
 
     t = stage("extrapolation evaluation (nonoverlapping)")
-    tokens = load_tokens(data, "valid")
-    lengths = [m * s.seq_length for m in s.length_multipliers]
-    tokens = tokens[: max(s.eval_tokens, max(lengths)) + 1]  # every length scores the same stream
+    lengths = [m * model_config("alibi", s).model.seq_length for m in s.length_multipliers]
+    tokens = split_tokens(data, "valid", max(s.eval_tokens, max(lengths)) + 1)  # every length scores the same stream
     records = []
     for name, path in models.items():
         model = load_model(path, torch.device("cpu"), name=name)
-        records += run_eval([model], tokens, lengths, method="nonoverlapping", stride=None, device=torch.device("cpu"))
+        records += evaluate([model], tokens, lengths, method="nonoverlapping", stride=None, device=torch.device("cpu"))
     write_results(records, out / "eval")
     print(f"done in {time.time() - t:.0f} s")
     return records

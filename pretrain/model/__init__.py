@@ -2,7 +2,8 @@
 
 Build (parallel_state must be initialized first)::
 
-    from pretrain.model import build_model, init_model_parallel
+    from pretrain.model import build_model
+    from pretrain.parallel import init_model_parallel
     init_model_parallel(tp=1)              # single process, gloo on CPU / nccl on GPU
     model = build_model(cfg.model)         # megatron.core.models.gpt.GPTModel, this rank's shard
 
@@ -51,20 +52,19 @@ HF mapping:
   and transposed (Conv1D); all biases zero; activation_function "gelu".
 """
 
-from .alibi import alibi_bias, alibi_slopes, rank_slopes
+from .alibi import AlibiBias, alibi_bias, alibi_slopes, rank_slopes
 from .builder import build_model, parameter_count, transformer_config
-from .compat import apply_cpu_compat, init_model_parallel, seed_rng
+from .compat import apply_cpu_compat
 from .sinusoidal import sinusoidal_table
 
 __all__ = [
+    "AlibiBias",
     "alibi_bias",
     "alibi_slopes",
     "apply_cpu_compat",
     "build_model",
-    "init_model_parallel",
     "parameter_count",
     "rank_slopes",
-    "seed_rng",
     "sinusoidal_table",
     "transformer_config",
 ]

@@ -9,6 +9,7 @@ Two mistakes peers made, and how this module avoids them:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -64,3 +65,47 @@ def alibi_bias(
     if causal:
         bias = bias.masked_fill(j > i, float("-inf"))
     return bias
+
+
+@functools.cache
+def device_slopes(num_heads: int, tp_size: int, tp_rank: int, device: str) -> torch.Tensor:
+    """`rank_slopes` on `device`: one tensor per (rank, device), shared by every layer."""
+    return rank_slopes(num_heads, tp_size, tp_rank).to(device)
+
+
+@functools.cache
+def _score_mod(slopes: torch.Tensor, causal: bool):
+    """One function object per (slopes, direction): compiled graphs are reused across layers
+    instead of recompiled per closure."""
+    if causal:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (kv_idx - q_idx)
+
+    else:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score - slopes[h] * (kv_idx - q_idx).abs()
+
+    return score_mod
+
+
+class AlibiBias:
+    """ALiBi as the attention's score bias (the `ScoreBias` of pretrain/model/attention.py) for
+    this TP rank's heads. Not a module and without parameters or buffers: the fp32 slopes live
+    outside the model, so model.bfloat16() can never round them."""
+
+    def __init__(self, num_heads: int, tp_size: int, tp_rank: int):
+        self.num_heads, self.tp_size, self.tp_rank = num_heads, tp_size, tp_rank
+
+    def slopes(self, device: torch.device | str) -> torch.Tensor:
+        """fp32 [num_heads / tp_size] on `device`."""
+        return device_slopes(self.num_heads, self.tp_size, self.tp_rank, str(device))
+
+    def dense(self, s: int, causal: bool, device: torch.device | str) -> torch.Tensor:
+        """fp32 [h, s, s]: -m (i - j), -inf above the diagonal (causal) or -m |i - j|."""
+        return alibi_bias(self.slopes(device), s, s, causal=causal, device=device)
+
+    def score_mod(self, causal: bool, device: torch.device | str):
+        """FlexAttention score_mod adding the same bias to the fp32 scores: m[h] (kv - q)."""
+        return _score_mod(self.slopes(device), causal)

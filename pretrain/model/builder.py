@@ -67,11 +67,11 @@ def build_model(
     transformer_overrides: dict[str, Any] | None = None,
 ) -> GPTModel:
     """Build this rank's GPTModel shard. megatron-core parallel_state must be initialized
-    (`pretrain.model.init_model_parallel`, or parallel_state.initialize_model_parallel + seeding)."""
+    (`pretrain.parallel.init_model_parallel`, or parallel_state.initialize_model_parallel + seeding)."""
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError(
             "megatron-core parallel_state is not initialized: call "
-            "pretrain.model.init_model_parallel(tp, pp) (or parallel_state.initialize_model_parallel) first"
+            "pretrain.parallel.init_model_parallel(tp, pp) (or parallel_state.initialize_model_parallel) first"
         )
     errors = model_errors(cfg)
     if errors:

@@ -1,7 +1,7 @@
 """Making megatron-core run on a CPU, in one place, applied only when there is no GPU.
 
-megatron-core 0.16 assumes CUDA in these places (REFERENCE.md section 5); each is handled here
-(`apply_cpu_compat`, `seed_rng`) or by a choice elsewhere in this package:
+megatron-core 0.16 assumes CUDA in these places (docs/reference.md §5); each is handled here
+(`apply_cpu_compat`) or by a choice elsewhere:
 
 - parameters allocated on `torch.cuda.current_device()` -> builder: `use_cpu_initialization=True`
   always (full weights drawn on the CPU and sliced: also the same model for any TP degree);
@@ -13,8 +13,8 @@ megatron-core 0.16 assumes CUDA in these places (REFERENCE.md section 5); each i
   dropout masks replay exactly;
 - PP > 1 with tied embeddings: `weight.data.cuda()` before the first/last-stage all-reduce ->
   patched: the same all-reduce on the CPU;
-- the CUDA RNG tracker (`model_parallel_cuda_manual_seed`) -> `seed_rng`: the inference tracker,
-  whose fork is a no-op;
+- the CUDA RNG tracker (`model_parallel_cuda_manual_seed`) -> `pretrain.parallel.seed_rng`: the
+  inference tracker, whose fork is a no-op;
 - `attention_mask=None` makes megatron's attention build a causal mask on "cuda" ->
   attention.py builds mask and ALiBi bias itself; callers pass None;
 - fused kernels (bias-GELU, masked softmax, rope, gradient-accumulation fusion) -> builder:
@@ -24,7 +24,8 @@ megatron-core 0.16 assumes CUDA in these places (REFERENCE.md section 5); each i
 
 Typical use (tests, tools, single-process evaluation):
 
-    from pretrain.model import build_model, init_model_parallel
+    from pretrain.model import build_model
+    from pretrain.parallel import init_model_parallel
     init_model_parallel(tp=1)                # or from each of 2 gloo processes: init_model_parallel(tp=2)
     model = build_model(cfg.model)
 """
@@ -32,7 +33,6 @@ Typical use (tests, tools, single-process evaluation):
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -125,51 +125,3 @@ def _tied_embedding_allreduce() -> None:
             torch.distributed.all_reduce(self.shared_embedding_or_output_weight().data, group=self.embd_group)
 
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
-
-
-def seed_rng(seed: int) -> None:
-    """Seed torch, and megatron-core's model-parallel RNG tracker (CUDA) or its no-op CPU
-    stand-in (the CUDA tracker cannot be created without a GPU)."""
-    from megatron.core import tensor_parallel
-
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    else:
-        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-
-
-def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234) -> None:
-    """Initialize torch.distributed (if needed) and megatron-core's parallel_state, then seed.
-
-    Without an initialized process group, starts a single-process one (world size 1) on a
-    free-standing TCP store; under torchrun or with MASTER_ADDR/RANK/WORLD_SIZE set, joins that
-    group. Backend: nccl with CUDA, gloo on CPU. Data parallel = world_size / (tp * pp).
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    apply_cpu_compat()
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    world = dist.get_world_size()
-    if world % (tp * pp):
-        raise ValueError(f"world size {world} is not divisible by tp x pp = {tp} x {pp}")
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    seed_rng(seed)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -10,7 +10,7 @@ positions counted from 0), for d = hidden_size, half = d // 2, p a position:
 
 The block input is `embedding_scale * E[token] + PE[p]`. fairseq uses scale sqrt(d) with
 embedding init std d^-0.5: the unit-amplitude table otherwise swamps 0.02-std token embeddings
-(see REFERENCE.md section 1). The GPT-2 export folds the scale in exactly by untying:
+(see docs/reference.md §1). The GPT-2 export folds the scale in exactly by untying:
 `wte = embedding_scale * E`, `lm_head = E`, `wpe = sinusoidal_table(arange(n), d)`.
 """
 

@@ -38,7 +38,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from pretrain.config import ModelConfig
 
-from .attention import KERNELS, CoreAttention
+from .alibi import AlibiBias
+from .attention import KERNELS, CoreAttention, ScoreBias
 from .sinusoidal import SinusoidalEmbedding
 
 log = logging.getLogger(__name__)
@@ -55,19 +56,23 @@ class LayerNormNoBias(torch.nn.LayerNorm):
 class PositionSpec:
     mcore_type: str
     """`position_embedding_type` handed to megatron-core's GPTModel."""
-    alibi: bool
-    """Add the ALiBi score bias inside CoreAttention."""
+    score_bias: Callable[..., ScoreBias] | None = None
+    """(TransformerConfig, tp_size, tp_rank) -> the score bias CoreAttention adds, or None."""
     wrap_embedding: Callable | None = None
     """(LanguageModelEmbedding, ModelConfig) -> module replacing `model.embedding`, or None."""
 
 
+def _alibi(config, tp_size: int, tp_rank: int) -> AlibiBias:
+    return AlibiBias(config.num_attention_heads, tp_size, tp_rank)  # slopes from the GLOBAL head count
+
+
 POSITIONS: dict[str, PositionSpec] = {
-    "alibi": PositionSpec("none", alibi=True),
+    "alibi": PositionSpec("none", score_bias=_alibi),
     "sinusoidal": PositionSpec(
-        "none", alibi=False, wrap_embedding=lambda emb, cfg: SinusoidalEmbedding(emb, cfg.embedding_scale)
+        "none", wrap_embedding=lambda emb, cfg: SinusoidalEmbedding(emb, cfg.embedding_scale)
     ),
-    "rope": PositionSpec("rope", alibi=False),
-    "none": PositionSpec("none", alibi=False),
+    "rope": PositionSpec("rope"),
+    "none": PositionSpec("none"),
 }
 
 
@@ -91,7 +96,7 @@ def _log_once(requested: str, backend: str) -> None:
 def layer_spec(cfg: ModelConfig, backend: str) -> ModuleSpec:
     """One MPT-style transformer layer."""
     position = POSITIONS[cfg.position]
-    core_attention = functools.partial(CoreAttention, kernel=KERNELS[backend], alibi=position.alibi)
+    core_attention = functools.partial(CoreAttention, kernel=KERNELS[backend], score_bias=position.score_bias)
     mask = AttnMaskType.no_mask if cfg.bidirectional else AttnMaskType.causal
     return ModuleSpec(
         module=TransformerLayer,

@@ -5,7 +5,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def single_process():
-    from pretrain.model import init_model_parallel
+    from pretrain.parallel import init_model_parallel
 
     init_model_parallel(tp=1)
     yield

@@ -82,7 +82,9 @@ def main(rank, world):
     torch.set_num_threads(1)
     from model_helpers import POSITIONS, batch, small_config
 
-    from pretrain.model import build_model, init_model_parallel
+    from pretrain.model import build_model
+
+    from pretrain.parallel import init_model_parallel
 
     results = {}
     for heads in (12, 16):
@@ -143,4 +145,4 @@ if __name__ == "__main__":
         json.dump(res, f)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # gloo on torch 2.13 can abort at interpreter exit (REFERENCE.md section 5)
+    os._exit(0)  # gloo on torch 2.13 can abort at interpreter exit (docs/reference.md §5)

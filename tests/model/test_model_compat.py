@@ -4,7 +4,9 @@ and misuse is refused with a clear message."""
 import pytest
 import torch
 
-from pretrain.model import build_model, init_model_parallel
+from pretrain.model import build_model
+
+from pretrain.parallel import init_model_parallel
 
 from .model_helpers import batch, small_config
 

@@ -16,7 +16,7 @@ from .model_helpers import batch, small_config
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 REQUIRED = ["gpt_1p3b_alibi_L1024", "gpt_1p3b_sinusoidal_L2048", "wt103_alibi_L1024", "wt103_sinusoidal_L1024",
-            "tiny_alibi", "tiny_sinusoidal", "tiny_rope", "tiny_nope"]
+            "tiny_alibi", "tiny_sinusoidal", "tiny_rope", "tiny_nope", "main_job_alibi", "main_job_sinusoidal"]
 
 
 def test_required_configs_exist():
@@ -32,7 +32,7 @@ def test_config_loads_and_validates(path):
     assert m.position == ("none" if "nope" in name else next(p for p in ("alibi", "sinusoidal", "rope") if p in name))
     if "_L" in name:
         assert m.seq_length == int(name.rsplit("_L", 1)[1])
-    if m.position == "sinusoidal":  # fairseq embedding treatment (REFERENCE.md section 1)
+    if m.position == "sinusoidal":  # fairseq embedding treatment (docs/reference.md §1)
         assert m.embedding_scale == pytest.approx(math.sqrt(m.hidden_size))
         assert m.embedding_init_std == pytest.approx(m.hidden_size ** -0.5)
     else:

@@ -1,4 +1,4 @@
-"""FlexAttention path (ALiBi as score_mod with the TP rank's head offset, causal block_mask)
+"""FlexAttention path (ALiBi as score_mod over the TP rank's slopes, causal block_mask)
 against a naive float64 attention, and against the SDPA reference on a GPU."""
 
 import math
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pretrain.model import alibi_slopes
-from pretrain.model.attention import _global_slopes, flex_kernel, sdpa_kernel
+from pretrain.model import AlibiBias
+from pretrain.model.attention import flex_kernel, sdpa_kernel
 
 
 def naive_attention(q, k, v, slopes, causal):
@@ -37,11 +38,11 @@ CASES = [("alibi-causal", True, True), ("alibi-bidirectional", True, False), ("n
 @pytest.mark.parametrize("name,alibi,causal", CASES, ids=[c[0] for c in CASES])
 def test_flex_score_mod_matches_naive_cpu(name, alibi, causal):
     q, k, v = qkv()
-    slopes = _global_slopes(12, "cpu") if alibi else None
-    out = flex_kernel(q, k, v, slopes=slopes, head_offset=6, causal=causal, scale=None, compiled=False)
+    bias = AlibiBias(12, 2, 1) if alibi else None
+    out = flex_kernel(q, k, v, bias=bias, causal=causal, scale=None, compiled=False)
     want = naive_attention(q, k, v, alibi_slopes(12)[6:] if alibi else None, causal)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
-    ref = sdpa_kernel(q, k, v, slopes=slopes, head_offset=6, causal=causal, scale=None)
+    ref = sdpa_kernel(q, k, v, bias=bias, causal=causal, scale=None)
     torch.testing.assert_close(ref.double(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -49,8 +50,8 @@ def test_flex_score_mod_matches_naive_cpu(name, alibi, causal):
 def test_flex_compiled_forward_cpu():
     # The compiled kernel itself (forward only: torch 2.13 has no CPU flex backward); ~20-45 s compile.
     q, k, v = qkv()
-    slopes = _global_slopes(12, "cpu")
-    out = flex_kernel(q, k, v, slopes=slopes, head_offset=6, causal=True, scale=None)
+    bias = AlibiBias(12, 2, 1)
+    out = flex_kernel(q, k, v, bias=bias, causal=True, scale=None)
     torch.testing.assert_close(out.double(), naive_attention(q, k, v, alibi_slopes(12)[6:], True), rtol=1e-5, atol=1e-6)
 
 
@@ -59,11 +60,11 @@ def test_flex_compiled_forward_cpu():
 def test_flex_matches_sdpa_reference_gpu_bf16_fwd_bwd(causal):
     dev = "cuda"
     q, k, v = (t.requires_grad_() for t in qkv(b=2, h=8, s=1024, d=128, dtype=torch.bfloat16, device=dev))
-    slopes = _global_slopes(16, dev)
+    bias = AlibiBias(16, 2, 1)
     grad = torch.randn_like(q)
     outs, grads = [], []
     for kernel in (flex_kernel, sdpa_kernel):  # rank 1 of TP=2: heads 8..15
-        out = kernel(q, k, v, slopes=slopes, head_offset=8, causal=causal, scale=None)
+        out = kernel(q, k, v, bias=bias, causal=causal, scale=None)
         (dq, dk, dv) = torch.autograd.grad(out, (q, k, v), grad)
         outs.append(out.float())
         grads.append([g.float() for g in (dq, dk, dv)])

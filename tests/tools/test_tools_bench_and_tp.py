@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from pretrain.checkpoint import load_consolidated
-from pretrain.data import validation_tokens
-from pretrain.model import build_model, init_model_parallel
+from pretrain.data import split_tokens
+from pretrain.model import build_model
+from pretrain.perplexity import perplexity
+from pretrain.parallel import init_model_parallel
 from tools.compare_runs import main as compare_main
 from tools.hf_export import megatron_to_hf
 from tools.jobs import child_env
-from tools.perplexity import perplexity
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -88,7 +89,7 @@ def test_tp2_or_pp2_trained_checkpoint_exports_exactly(quick_job, tmp_path, layo
 
     logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     (val,) = [r for r in logged if r.get("kind") == "validation"]
-    tokens = validation_tokens(cfg, cfg.validation.tokens)
+    tokens = split_tokens(cfg.data.sources[0].path, "valid", cfg.validation.tokens)
     for n in (64, 256):
         res = perplexity(lambda t: hf(t).logits, tokens, n, batch_size=4)
         assert res.ppl == pytest.approx(val[f"val/ppl_at_{n}"], rel=1e-5)

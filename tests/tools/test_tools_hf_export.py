@@ -6,7 +6,8 @@ import torch
 from transformers import GPT2LMHeadModel, MptForCausalLM
 
 from pretrain.config import Config, ModelConfig
-from pretrain.model import build_model, init_model_parallel
+from pretrain.model import build_model
+from pretrain.parallel import init_model_parallel
 from tools.hf_export import ExportError, megatron_to_hf
 
 L = 32

@@ -76,7 +76,8 @@ def test_trained_tp1_checkpoints_export_exactly(quick_job, name):
     import torch
 
     from pretrain.checkpoint import load_consolidated
-    from pretrain.model import build_model, init_model_parallel
+    from pretrain.model import build_model
+    from pretrain.parallel import init_model_parallel
     from tools.hf_export import megatron_to_hf
 
     out, _ = quick_job

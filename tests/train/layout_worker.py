@@ -15,12 +15,12 @@ layouts = [tuple(int(v) for v in (s + ",0").split(",")[:4]) for s in sys.argv[4:
 
 from megatron.core import parallel_state as ps  # noqa: E402
 
-from pretrain.checkpoint import resume, save_checkpoint  # noqa: E402
+from pretrain.checkpoint import find_checkpoint, resume, save_checkpoint  # noqa: E402
 from pretrain.config import DataSource, load_config  # noqa: E402
-from pretrain.data import BatchReader, build_train_dataset, tokenizer_info, validation_tokens  # noqa: E402
+from pretrain.data import BatchReader, build_train_dataset, load_data, split_tokens  # noqa: E402
 from pretrain.loop import validate_ppl  # noqa: E402
 from pretrain.engine import Trainer  # noqa: E402
-from pretrain.model import init_model_parallel  # noqa: E402
+from pretrain.parallel import Layout, init_model_parallel  # noqa: E402
 from pretrain.schedule import lr_at  # noqa: E402
 
 STEPS = 5
@@ -34,13 +34,14 @@ for tp, pp, zero, recompute in layouts:
     world = int(os.environ.get("WORLD_SIZE", 1))
     cfg.validate(world)
     init_model_parallel(tp, pp, seed=cfg.train.seed)
-    trainer = Trainer(cfg, world)
-    reader = BatchReader(build_train_dataset(cfg), cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    data, layout = load_data(cfg), Layout.of(cfg, world)
+    trainer = Trainer(cfg, layout)
+    reader = BatchReader(build_train_dataset(cfg, data), cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     name = f"tp{tp}_pp{pp}_z{zero}_w{world}" + ("_recompute" if recompute else "")
     losses = [trainer.train_step(reader.micro_batches(s), lr_at(s, cfg.optim, STEPS)).loss for s in range(STEPS)]
     cfg.validation.tokens, cfg.validation.length_multipliers = 2048, [1, 2, 4]
-    ppl = validate_ppl(trainer, cfg, validation_tokens(cfg, cfg.validation.tokens))
-    save_checkpoint(trainer, out_dir / name, STEPS, {}, tokenizer_info(cfg))
+    ppl = validate_ppl(trainer, cfg, split_tokens(data_dir, "valid", cfg.validation.tokens))
+    save_checkpoint(trainer, out_dir / name, STEPS, {}, data.tokenizer)
     if world == 1 and pp == 1:  # the single-process model's own state dict, for load_consolidated
         torch.save({k: v for k, v in trainer.gpt.state_dict().items() if "_extra_state" not in k},
                    out_dir / f"{name}_state_dict.pt")
@@ -48,8 +49,8 @@ for tp, pp, zero, recompute in layouts:
     continued = [trainer.train_step(reader.micro_batches(s), lr_at(s, cfg.optim, STEPS)).loss for s in (5, 6)]
     del trainer
     gc.collect()
-    trainer = Trainer(cfg, world)
-    meta = resume(trainer, out_dir / name, tokenizer_info(cfg))
+    trainer = Trainer(cfg, layout)
+    meta = resume(trainer, find_checkpoint(out_dir / name))
     assert meta["step"] == STEPS and meta["consumed_samples"] == STEPS * 4, meta
     resumed = [trainer.train_step(reader.micro_batches(s), lr_at(s, cfg.optim, STEPS)).loss for s in (5, 6)]
     results[name] = {"losses": losses, "ppl": ppl, "continued": continued, "resumed": resumed}

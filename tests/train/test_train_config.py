@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from pretrain.config import ConfigError, load_config
-from pretrain.evaluate import nonoverlapping_ppl
 from pretrain.memory import estimate_memory, parameter_count
 from pretrain.metrics import flops_per_token, throughput
+from pretrain.parallel import Layout
 from pretrain.schedule import lr_at
 from pretrain.train import main
 
@@ -63,7 +63,7 @@ def test_train_memory_estimate_shards_by_zero_stage():
     per_stage = {}
     for stage in (0, 1, 2, 3):
         cfg.parallel.zero_stage = stage
-        per_stage[stage] = estimate_memory(cfg, 128)
+        per_stage[stage] = estimate_memory(cfg, Layout.of(cfg, 128))
     gib = 1024**3
     assert per_stage[0].optimizer_gb == pytest.approx(12 * n / gib)
     assert per_stage[1].optimizer_gb == pytest.approx(12 * n / 128 / gib)
@@ -71,7 +71,7 @@ def test_train_memory_estimate_shards_by_zero_stage():
     assert per_stage[2].grads_gb == pytest.approx(2 * n / 128 / gib)
     assert per_stage[3].params_gb == pytest.approx(2 * n / 128 / gib)
     cfg.parallel.zero_stage, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel = 1, 4, 5
-    est = estimate_memory(cfg, 128)  # dp 6.4 is invalid, but the per-GPU share is still defined
+    est = estimate_memory(cfg, Layout.of(cfg, 128))  # dp 6.4 is invalid, but the per-GPU share is still defined
     assert est.params_per_gpu < n / 4 / 5 + 50304 * 2048 / 4 + 1
 
 
@@ -95,27 +95,15 @@ def test_train_lr_schedule_is_warmup_then_cosine():
     assert all(lr_at(s, o, 50000) >= lr_at(s + 1, o, 50000) for s in range(500, 50000, 997))
 
 
-def test_train_nonoverlapping_ppl_hand_computed():
-    import torch
-
-    tokens = torch.arange(11)  # windows of 3: inputs 0-2, 3-5, 6-8; targets 1..9 (token 10 unused)
-    seen = []
-
-    def nll(x, y):
-        seen.append((x.tolist(), y.tolist()))
-        return y.float() / 10  # NLL of target t is t/10
-
-    assert nonoverlapping_ppl(nll, tokens, 3, batch_size=2) == pytest.approx(math.exp(sum(range(1, 10)) / 90))
-    assert seen[0] == ([[0, 1, 2], [3, 4, 5]], [[1, 2, 3], [4, 5, 6]]) and seen[1] == ([[6, 7, 8]], [[7, 8, 9]])
-
-
 def test_train_mfu_formula_matches_counted_flops():
     """flops_per_token (docs/mfu.md) equals the FLOPs torch counts in one forward + backward of the
     real model (attention through SDPA's math path, counted as full [s, s] matrices)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pretrain.model import build_model, init_model_parallel
+    from pretrain.model import build_model
+
+    from pretrain.parallel import init_model_parallel
 
     cfg = load_config(REPO / "configs" / "tiny_alibi.yaml", ["model.seq_length=32", "model.vocab_size=512"])
     init_model_parallel(1, 1, seed=0)
@@ -127,7 +115,7 @@ def test_train_mfu_formula_matches_counted_flops():
         model(tokens, pos, None, labels=tokens).sum().backward()
     counted = counter.get_total_flops()
     assert counted / (b * s) == pytest.approx(flops_per_token(cfg), rel=0.01)
-    t = throughput(cfg, world_size=4, step_time_s=2.0)
+    t = throughput(cfg, Layout.of(cfg, 4), step_time_s=2.0)
     tokens_per_step = cfg.train.global_batch_size * s
     assert t["tflops_per_gpu"] == pytest.approx(flops_per_token(cfg) * tokens_per_step / 2.0 / 4 / 1e12)
     assert t["mfu"] == pytest.approx(t["tflops_per_gpu"] / cfg.hardware.peak_tflops)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pretrain import checkpoint
+from pretrain.parallel import Layout
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import REPO, TINY, launch, wait_all  # noqa: E402
@@ -140,9 +141,9 @@ def test_train_refuses_another_tokenizer(uninterrupted):
 
     _, meta = checkpoint.find_checkpoint(uninterrupted)
     cfg = load_config(TINY, ["parallel.zero_stage=2"])
-    assert checkpoint.compatibility_errors(meta, cfg, meta["tokenizer"], 2) == []
+    assert checkpoint.compatibility_errors(meta, cfg, meta["tokenizer"], Layout.of(cfg, 2)) == []
     other = dict(meta["tokenizer"], sha256="0" * 64, path="/elsewhere/tok.model")
-    (err,) = checkpoint.compatibility_errors(meta, cfg, other, 2)
+    (err,) = checkpoint.compatibility_errors(meta, cfg, other, Layout.of(cfg, 2))
     assert "tokenizer" in err and "/elsewhere/tok.model" in err
 
 
@@ -184,13 +185,30 @@ def test_train_data_blend_is_deterministic_and_weighted(tiny_data):
     import numpy as np
 
     from pretrain.config import DataSource, load_config
-    from pretrain.data import build_train_dataset
+    from pretrain.data import build_train_dataset, load_data
 
     cfg = load_config(TINY, ["train.steps=50", "train.global_batch_size=8"])
     cfg.data.sources = [DataSource(path=str(tiny_data), weight=1.0), DataSource(path=str(tiny_data), weight=3.0)]
-    a, b = build_train_dataset(cfg), build_train_dataset(cfg)
+    a, b = build_train_dataset(cfg, load_data(cfg)), build_train_dataset(cfg, load_data(cfg))
     assert len(a) == 400
     for i in (0, 7, 399):
         assert np.array_equal(a[i]["tokens"], b[i]["tokens"]) and a[i]["tokens"].shape == (64,)
     share = np.bincount(a.dataset_index, minlength=2) / len(a)
     assert share[1] == pytest.approx(0.75, abs=0.02)
+
+
+def test_train_data_with_an_incomplete_shard_is_refused_before_training(tiny_data, tmp_path):
+    """A data directory whose merged shard is shorter than its manifest says (an interrupted
+    copy) is refused by the preflight data check, naming the file, not read mid-run."""
+    from pretrain.config import ConfigError, DataSource, load_config
+    from pretrain.data import load_data
+
+    copy = tmp_path / "data"
+    shutil.copytree(tiny_data, copy)
+    cfg = load_config(TINY)
+    cfg.data.sources = [DataSource(path=str(copy))]
+    assert load_data(cfg).tokenizer["vocab_size"] == 4096
+    (shard,) = sorted((copy / "merged").glob("train_*.bin"))
+    shard.write_bytes(shard.read_bytes()[:-2])  # one uint16 token short
+    with pytest.raises(ConfigError, match=rf"{shard.name} is incomplete \(\d+ bytes, manifest.json says"):
+        load_data(cfg)

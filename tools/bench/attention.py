@@ -27,14 +27,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pretrain.model.alibi import alibi_bias
-from pretrain.model.attention import _global_slopes, flex_kernel, sdpa_kernel
+from pretrain.model import AlibiBias
+from pretrain.model.attention import flex_kernel, sdpa_kernel
 
 
 def variants(h: int, L: int, dev: str, dtype: torch.dtype, smoke: bool):
-    slopes = _global_slopes(h, dev)
+    alibi = AlibiBias(h, 1, 0)
     flex = dict(compiled=not smoke)
-    bias = alibi_bias(slopes, L, L, device=dev).to(dtype)  # [h, L, L], -inf above the diagonal
+    bias = alibi.dense(L, True, dev).to(dtype)  # [h, L, L], -inf above the diagonal
 
     def flash(q, k, v):
         if dev == "cuda":
@@ -45,10 +45,10 @@ def variants(h: int, L: int, dev: str, dtype: torch.dtype, smoke: bool):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     return {
-        "alibi-flex": (lambda q, k, v: flex_kernel(q, k, v, slopes=slopes, head_offset=0, causal=True, scale=None, **flex), True),
-        "sinusoidal-flex": (lambda q, k, v: flex_kernel(q, k, v, slopes=None, head_offset=0, causal=True, scale=None, **flex), False),
+        "alibi-flex": (lambda q, k, v: flex_kernel(q, k, v, bias=alibi, causal=True, scale=None, **flex), True),
+        "sinusoidal-flex": (lambda q, k, v: flex_kernel(q, k, v, bias=None, causal=True, scale=None, **flex), False),
         "sdpa-bias": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), True),
-        "sdpa-ref-fp32bias": (lambda q, k, v: sdpa_kernel(q, k, v, slopes=slopes, head_offset=0, causal=True, scale=None), True),
+        "sdpa-ref-fp32bias": (lambda q, k, v: sdpa_kernel(q, k, v, bias=alibi, causal=True, scale=None), True),
         "sdpa-flash-nobias": (flash, False),
     }
 
@@ -82,14 +82,14 @@ def measure(fn, q, k, v, backward: bool, iters: int, dev: str) -> tuple[float, f
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--head-dim", type=int, default=128)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="sequence lengths L")
+    ap.add_argument("--heads", type=int, default=16, help="attention heads (the 1.3B model: 16)")
+    ap.add_argument("--head-dim", type=int, default=128, help="head dimension (the 1.3B model: 128)")
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per batch (b = tokens // L)")
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=20, help="timed calls per variant (the median is reported)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU-sized run (L 64/128, 4 heads of 16, fp32)")
-    ap.add_argument("--out", default="bench_attention.json")
+    ap.add_argument("--out", default="bench_attention.json", help="JSON results file")
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:

@@ -4,7 +4,7 @@ tokens per batch and the same attention kernel family, and compare throughput an
 The paper's cost claim (Sec. 4.2) is ALiBi at L=1024 vs sinusoidal at L=2048. Equal tokens per
 step means micro_batch = tokens_per_batch / L for each; the kernel family is pinned for both
 (`model.attention_backend`), or the ratio would measure kernels, not position methods
-(REFERENCE.md section 3). Steps before --warmup are dropped (compilation, allocator warm-up).
+(docs/reference.md §3). Steps before --warmup are dropped (compilation, allocator warm-up).
 """
 
 from __future__ import annotations

@@ -22,19 +22,19 @@ from pathlib import Path
 import torch
 
 from pretrain.config import Config, load_config
+from pretrain.parallel import Layout
 
 
-def measure(cfg: Config, world_size: int, steps: int, warmup: int) -> dict:
+def measure(cfg: Config, layout: Layout, steps: int, warmup: int) -> dict:
     """Train `warmup + steps` steps of random tokens; timings of the last `steps` only."""
     from megatron.core import parallel_state as ps
 
     from pretrain.engine import Trainer
     from pretrain.metrics import peak_memory_gb, throughput
 
-    trainer = Trainer(cfg, world_size)
+    trainer = Trainer(cfg, layout)
     m, mb = cfg.model, cfg.train.micro_batch_size
     gen = torch.Generator().manual_seed(ps.get_data_parallel_rank())
-    acc = cfg.grad_accumulation(world_size)
 
     def batch():
         x = torch.randint(0, m.vocab_size, (mb, m.seq_length + 1), generator=gen)
@@ -44,18 +44,18 @@ def measure(cfg: Config, world_size: int, steps: int, warmup: int) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
-        trainer.train_step([batch() for _ in range(acc)], cfg.optim.lr)
+        trainer.train_step([batch() for _ in range(layout.accumulation)], cfg.optim.lr)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        result = trainer.train_step([batch() for _ in range(acc)], cfg.optim.lr)
+        result = trainer.train_step([batch() for _ in range(layout.accumulation)], cfg.optim.lr)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     step_time = (time.perf_counter() - t0) / steps
-    out = {"micro_batch_size": mb, "global_batch_size": cfg.train.global_batch_size, "world_size": world_size,
+    out = {"micro_batch_size": mb, "global_batch_size": cfg.train.global_batch_size, "world_size": layout.world_size,
            "seq_length": m.seq_length, "step_time_s": step_time, "loss": result.loss,
-           "peak_mem_gb": peak_memory_gb(), **throughput(cfg, world_size, step_time),
+           "peak_mem_gb": peak_memory_gb(), **throughput(cfg, layout, step_time),
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "precision": "bf16" if trainer.engine.bfloat16_enabled() else "fp32"}
     del trainer
@@ -65,40 +65,37 @@ def measure(cfg: Config, world_size: int, steps: int, warmup: int) -> dict:
     return out
 
 
-def with_micro_batch(cfg: Config, micro: int, world_size: int) -> Config:
-    dp = cfg.data_parallel(world_size)
+def with_micro_batch(cfg: Config, micro: int, world_size: int) -> tuple[Config, Layout]:
+    """`cfg` at `micro` sequences per rank and one micro-batch per step (no accumulation)."""
+    dp = Layout.of(cfg, world_size).dp
     cfg.train.micro_batch_size, cfg.train.global_batch_size = micro, micro * dp
-    return cfg
+    return cfg, Layout.of(cfg, world_size)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
     ap.add_argument("--micro-batch", default="auto", help="N, or auto: the largest that fits (GPU)")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     ap.add_argument("--out", default=None, help="write the result(s) as JSON here")
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("overrides", nargs="*", help="key.path=value config overrides (YAML value)")
     args = ap.parse_args(argv)
 
-    from pretrain.model import init_model_parallel
-    from pretrain.parallel import read_env
+    from pretrain.parallel import init_model_parallel, read_env
 
-    env = read_env()
-    os.environ.setdefault("MASTER_ADDR", env.master_addr)
-    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    env = read_env()  # the launcher's ranks (torchrun, srun or one process), exactly as train.py reads them
     cfg = load_config(args.config, args.overrides)
-    cfg.wandb.enabled = False
-    init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, seed=cfg.train.seed)
+    init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, seed=cfg.train.seed, env=env)
     if args.micro_batch == "auto" and torch.cuda.is_available():
         candidates = [2**i for i in range(9)]
     else:
         candidates = [cfg.train.micro_batch_size if args.micro_batch == "auto" else int(args.micro_batch)]
     results = []
     for micro in candidates:
-        run_cfg = with_micro_batch(load_config(args.config, args.overrides), micro, env.world_size)
+        run_cfg, layout = with_micro_batch(load_config(args.config, args.overrides), micro, env.world_size)
         try:
-            results.append(measure(run_cfg, env.world_size, args.steps, args.warmup))
+            results.append(measure(run_cfg, layout, args.steps, args.warmup))
         except torch.cuda.OutOfMemoryError:
             break
     if env.rank == 0:

@@ -1,11 +1,12 @@
-"""Perplexity methods against a hand-computed small case (no model, plain-Python reference)."""
+"""Perplexity methods (pretrain/perplexity.py, shared by training validation and the evaluation tool)
+against hand-computed small cases (no model, plain-Python reference)."""
 
 import math
 
 import pytest
 import torch
 
-from tools.perplexity import perplexity, plan_windows
+from pretrain.perplexity import perplexity, plan_windows, window_nll
 
 V = 5
 STREAM = [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 1]  # 11 tokens
@@ -68,3 +69,15 @@ def test_bad_requests_say_what_to_change():
         plan_windows(100, 16, "nonoverlapping", 4)
     with pytest.raises(ValueError, match=r"must be in \[1, length"):
         plan_windows(100, 16, "sliding", 32)
+
+
+def test_nonoverlapping_nll_batches_windows_in_order():
+    tokens = torch.arange(11)  # windows of 3: inputs 0-2, 3-5, 6-8; targets 1..9 (token 10 unused)
+    seen = []
+
+    def nll(x, y):
+        seen.append((x.tolist(), y.tolist()))
+        return y.float() / 10  # NLL of target t is t/10
+
+    assert window_nll(nll, tokens, 3, batch_size=2).ppl == pytest.approx(math.exp(sum(range(1, 10)) / 90))
+    assert seen[0] == ([[0, 1, 2], [3, 4, 5]], [[1, 2, 3], [4, 5, 6]]) and seen[1] == ([[6, 7, 8]], [[7, 8, 9]])

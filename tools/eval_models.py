@@ -1,5 +1,5 @@
-"""Models and data for the extrapolation evaluation: our checkpoints or HF directories, behind
-one `LogitsFn`, and the token stream of a preprocessed split.
+"""Models for the extrapolation evaluation: our checkpoints or HF directories, behind one
+`LogitsFn`, with a batch size that fits the device.
 
 A directory with a `config.json` naming a `model_type` is a Hugging Face model (loaded with
 `AutoModelForCausalLM`, no remote code); anything else is one of our run/checkpoint
@@ -12,10 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from tools.perplexity import LogitsFn, Method, auto_batch_size, perplexity
+from pretrain.perplexity import LogitsFn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -64,7 +63,8 @@ def _load_hf(path: Path, device: torch.device, dtype: str, name: str) -> EvalMod
 
 def _load_ours(path: Path, device: torch.device, dtype: str, name: str) -> EvalModel:
     from pretrain.checkpoint import load_consolidated
-    from pretrain.model import build_model, init_model_parallel
+    from pretrain.model import build_model
+    from pretrain.parallel import init_model_parallel
 
     cfg, state_dict = load_consolidated(path)
     init_model_parallel(tp=1)
@@ -84,44 +84,21 @@ def _load_ours(path: Path, device: torch.device, dtype: str, name: str) -> EvalM
     return EvalModel(name, m.seq_length, logits_fn, None, shape)
 
 
-def load_tokens(data_dir: str | Path, split: str = "valid") -> torch.Tensor:
-    """All documents of `split` ('train', 'valid' or 'all') of a data_prep/preprocess.py output
-    directory, concatenated in order (each document ends with its eod token): int64 [N]."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+def auto_batch_size(model: EvalModel, length: int, device: torch.device | str, max_batch: int = 64) -> int:
+    """Largest batch whose estimated activation memory fits a safe share of what is free.
 
-    from data_prep.manifest import shard_prefixes
-    from data_prep.worker import SPLITS
+    Per sample: logits and their log-softmax in fp32 (2 * L * V * 4 bytes), one layer's attention
+    scores + float bias (2 * heads * L^2 * 4) and the residual stream of every layer kept by
+    no_grad for one layer at a time (~16 * L * hidden * 4). Errs on the small side.
+    """
+    m = model.shape
+    per_sample = 8 * length * m["vocab"] + 8 * m["heads"] * length * length + 64 * length * m["hidden"]
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = 0.5 * free
+    else:
+        import psutil
 
-    prefixes = [p for s in (SPLITS if split == "all" else [split]) for p in shard_prefixes(data_dir, s)]
-    if not prefixes:
-        raise ValueError(f"{data_dir} has no {split!r} shards: check --data, or use --split all")
-    parts = []
-    for prefix in prefixes:
-        ds = IndexedDataset(str(prefix), mmap=True)
-        parts += [np.asarray(ds[i], dtype=np.int64) for i in range(len(ds))]
-    return torch.from_numpy(np.concatenate(parts))
-
-
-def evaluate(models: list[EvalModel], tokens: torch.Tensor, lengths: list[int], *, method: Method,
-             stride: int | None, device: torch.device, batch_size: int | None = None) -> list[dict]:
-    """Perplexity of every model at every length: records for results.json."""
-    for m in models:  # fail before hours of compute, not after
-        too_long = [n for n in lengths if m.max_length is not None and n > m.max_length]
-        if too_long:
-            raise ValueError(f"{m.name} accepts inputs up to {m.max_length} tokens, asked for {too_long}: "
-                             "re-run tools/convert_to_hf.py with a larger --max-positions")
-    if max(lengths) + 1 > tokens.numel():
-        raise ValueError(f"the evaluation split has {tokens.numel()} tokens, too few for length {max(lengths)}: "
-                         "use shorter --lengths or more data (--split all)")
-    records = []
-    for m in models:
-        for n in lengths:
-            bs = batch_size or auto_batch_size(n, device=device, **m.shape)
-            res = perplexity(m.logits_fn, tokens, n, method=method, stride=stride, batch_size=bs, device=device,
-                             desc=f"{m.name} @ {n}")
-            records.append({"model": m.name, "train_length": m.train_length, "length": n, "method": method,
-                            "stride": n if method == "nonoverlapping" else (stride or n),
-                            "tokens": res.tokens, "ppl": res.ppl})
-            print(f"{m.name:>24s}  L_train={m.train_length:<6d} L_valid={n:<7d} ppl={res.ppl:10.3f}  "
-                  f"({method}, stride {records[-1]['stride']}, {res.tokens} tokens)", flush=True)
-    return records
+        budget = 0.25 * psutil.virtual_memory().available
+    return int(max(1, min(max_batch, budget // per_sample)))
