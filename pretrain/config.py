@@ -18,7 +18,7 @@ import yaml
 
 from pretrain.parallel import Layout
 
-Position = Literal["alibi", "sinusoidal", "rope", "none"]
+Position = Literal["alibi", "sinusoidal", "rope", "t5", "kerple", "none"]
 AttentionBackend = Literal["auto", "sdpa", "flex"]
 
 
@@ -45,17 +45,22 @@ class ModelConfig:
     seq_length: int
     """Training length L."""
     position: Position
-    """alibi | sinusoidal | rope | none."""
+    """alibi | sinusoidal | rope | t5 (T5 relative bias) | kerple (KERPLE log kernel) | none."""
     attention_backend: AttentionBackend = "auto"
     """auto: FlexAttention on a GPU, SDPA with a float bias elsewhere."""
     bidirectional: bool = False
-    """Encoder mode: symmetric ALiBi -m|i-j| and no causal mask."""
+    """Encoder mode, no causal mask: symmetric ALiBi -m|i-j| and KERPLE, two-sided T5 buckets."""
     layernorm_epsilon: float = 1e-5
     """LayerNorm eps (no bias, MPT-style)."""
     init_method_std: float = 0.02
     """Std of the normal init of linear weights."""
     rotary_base: int = 10000
     """RoPE base (position: rope only)."""
+    t5_num_buckets: int = 32
+    """T5 bias buckets (position: t5 only): half exact distances, half log-spaced up to
+    t5_max_distance; bidirectional models split them between past and future. T5's setting."""
+    t5_max_distance: int = 128
+    """T5 bias: distances >= this share the last bucket (T5's setting)."""
     embedding_scale: float = 1.0
     """Token embeddings are multiplied by this before the position table is added. Sinusoidal
     configs use sqrt(hidden_size) with embedding_init_std = hidden_size**-0.5 (fairseq; without
@@ -214,6 +219,12 @@ def model_errors(m: ModelConfig) -> list[str]:
         errors.append(
             f"embedding_scale={m.embedding_scale} with position=alibi: the MPT export has no embedding "
             "scale; set model.embedding_scale: 1.0"
+        )
+    if m.position == "t5" and not (m.t5_num_buckets >= 4 and m.t5_num_buckets % 2 == 0
+                                   and m.t5_max_distance > m.t5_num_buckets // (2 if m.bidirectional else 1) // 2):
+        errors.append(
+            f"t5_num_buckets={m.t5_num_buckets}, t5_max_distance={m.t5_max_distance}: need an even bucket count >= 4 "
+            "and a max distance beyond the exact buckets (T5: 32 and 128)"
         )
     if m.embedding_scale <= 0 or m.embedding_init_std <= 0 or m.init_method_std <= 0:
         errors.append("model.embedding_scale, embedding_init_std and init_method_std must be positive")

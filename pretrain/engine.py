@@ -114,21 +114,30 @@ def _pipeline_loss(state: StepState):
 
 
 class StagePipe(deepspeed.pipe.PipelineModule):
-    """PipelineModule whose tied weight is megatron's: the embedding on the first stage and its
-    copy as the output layer on the last, gradients all-reduced over megatron's embedding group."""
+    """PipelineModule whose tied weights are megatron's: the embedding on the first stage and its
+    copy as the output layer on the last, gradients all-reduced over megatron's embedding group;
+    and a learned position bias shared by all layers (t5, kerple: `gpt.position_bias`), one copy
+    per stage, gradients all-reduced over the pipeline group."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)  # marks every parameter ds_pipe_replicated = False
         stage = self.forward_funcs[0]
+        copies = [] if stage.first else list(self._position_bias())
         if stage.last and not stage.first:
-            # The tied copy: left out of the gradient norm (it is counted on the first stage).
-            stage.gpt.output_layer.weight.ds_pipe_replicated = True
+            copies.append(stage.gpt.output_layer.weight)
+        for p in copies:  # tied copies: left out of the gradient norm and the checkpoint (the first stage has them)
+            p.ds_pipe_replicated = True
+
+    def _position_bias(self):
+        bias = getattr(self.forward_funcs[0].gpt, "position_bias", None)
+        return bias.parameters() if bias is not None else []
 
     def get_tied_weights_and_groups(self):
         stage = self.forward_funcs[0]
+        tied = [(p, ps.get_pipeline_model_parallel_group()) for p in self._position_bias()]
         if ps.is_rank_in_embedding_group(ignore_virtual=True) and (stage.first or stage.last):
-            return [(stage.gpt.shared_embedding_or_output_weight(), ps.get_embedding_group())]
-        return []
+            tied.append((stage.gpt.shared_embedding_or_output_weight(), ps.get_embedding_group()))
+        return tied
 
     def allreduce_tied_weight_gradients(self):
         for weight, group in self.get_tied_weights_and_groups():

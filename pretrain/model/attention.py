@@ -24,6 +24,7 @@ Backends (same signature, chosen once when the spec is built, see `spec.py`):
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable, Protocol
 
 import torch
@@ -90,6 +91,33 @@ def flex_kernel(q, k, v, *, bias, causal, scale, compiled: bool = True):
 
 
 KERNELS: dict[str, Kernel] = {"sdpa": sdpa_kernel, "flex": flex_kernel}
+
+
+@functools.cache
+def flex_trains_captured_tensors(device: str) -> bool:
+    """Does this torch's compiled FlexAttention give the right gradient for a learned tensor
+    captured by a score_mod (the T5 table, KERPLE's r1/r2)? Checked once per process on a small
+    causal problem against the sdpa reference (gradients of q, k, v and of the captured tensor).
+    Cannot be answered on CPU, where torch 2.13's FlexAttention has no backward at all."""
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 128, 16, device=device, generator=g, requires_grad=True) for _ in range(3))
+    w = torch.rand(2, device=device, generator=g).requires_grad_()  # per-head learned slope [h]
+
+    class Learned:
+        def dense(self, s, causal, dev):
+            i, j = torch.arange(s, device=dev)[:, None], torch.arange(s, device=dev)[None, :]
+            return (w[:, None, None] * (j - i)).masked_fill(j > i, float("-inf"))  # [h, s, s]
+
+        def score_mod(self, causal, dev):
+            return lambda score, b, h, q_idx, kv_idx: score + w[h] * (kv_idx - q_idx)
+
+    try:
+        grads = [torch.autograd.grad(kernel(q, k, v, bias=Learned(), causal=True, scale=None).square().sum(),
+                                     (q, k, v, w)) for kernel in (flex_kernel, sdpa_kernel)]
+        return all(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item()) for a, b in zip(*grads))
+    except Exception as e:  # a torch that cannot differentiate captured tensors may raise instead
+        logging.getLogger(__name__).warning("FlexAttention backward with a learned score_mod tensor failed: %r", e)
+        return False
 
 
 class CoreAttention(MegatronModule):

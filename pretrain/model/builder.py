@@ -13,7 +13,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from pretrain.config import ConfigError, ModelConfig, model_errors
 
 from .compat import apply_cpu_compat
-from .spec import POSITIONS, block_spec, resolve_backend
+from .relative import SharedBias
+from .spec import POSITIONS, block_spec, model_backend
 
 
 def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, **overrides: Any) -> TransformerConfig:
@@ -79,9 +80,14 @@ def build_model(
     apply_cpu_compat()
     config = transformer_config(cfg, params_dtype, **(transformer_overrides or {}))
     position = POSITIONS[cfg.position]
+    score_bias, shared = position.score_bias, None
+    if position.shared_bias is not None:  # one learned module for every layer of this stage
+        tp = parallel_state.get_tensor_model_parallel_group()
+        shared = position.shared_bias(cfg, config, tp.size(), tp.rank())
+        score_bias = lambda *_: SharedBias(shared)  # noqa: E731
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(cfg, config, resolve_backend(cfg.attention_backend)),
+        transformer_layer_spec=block_spec(cfg, config, model_backend(cfg), score_bias),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.seq_length,  # only used by learned positions, which we never build
         pre_process=pre_process,
@@ -92,6 +98,8 @@ def build_model(
     )
     if position.wrap_embedding is not None and pre_process:
         model.embedding = position.wrap_embedding(model.embedding, cfg)
+    if shared is not None:
+        model.position_bias = shared  # registered once: one name, one gradient summed over the layers
     return model
 
 

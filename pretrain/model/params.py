@@ -46,7 +46,8 @@ def init_weights(gpt: GPTModel, m: ModelConfig, seed: int) -> None:
     Each full tensor is drawn from a generator seeded by (seed, name), then this rank's TP slice
     is kept. Stds follow megatron-core: init_method_std for input projections,
     std / sqrt(2 * num_layers) for the projections back into the residual stream,
-    embedding_init_std for the (tied) embedding; LayerNorm weights 1."""
+    embedding_init_std for the (tied) embedding; LayerNorm weights 1; a learned position bias
+    (`position_bias.*`, relative.py) its module's `draw` (the T5 / KERPLE init)."""
     tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     names = global_names(gpt)
     for local, p in gpt.named_parameters():
@@ -55,18 +56,26 @@ def init_weights(gpt: GPTModel, m: ModelConfig, seed: int) -> None:
             p.fill_(1.0)
             continue
         if name.endswith("word_embeddings.weight"):
-            std = getattr(m, "embedding_init_std", m.init_method_std)
             name = "embedding.word_embeddings.weight"  # one draw for the embedding and its tied copy
-        elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-            std = m.init_method_std / math.sqrt(2.0 * m.num_layers)
-        elif name.endswith(("linear_qkv.weight", "linear_fc1.weight")):
-            std = m.init_method_std
-        else:
-            raise ValueError(f"init_weights: no init rule for parameter {name}; add one in pretrain/model/params.py")
         dim = partition_dim(p)
         shape = list(p.shape)
         if dim is not None:
             shape[dim] *= tp
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+        full = _draw(gpt, m, name, shape, gen)
         p.copy_(full if dim is None else full.chunk(tp, dim)[tp_rank])
+
+
+def _draw(gpt: GPTModel, m: ModelConfig, name: str, shape: list[int], gen: torch.Generator) -> torch.Tensor:
+    """The full fp32 init of parameter `name` (all TP ranks' parts)."""
+    if name.startswith("position_bias."):  # a learned score bias: its own paper's init
+        return gpt.position_bias.draw(name.removeprefix("position_bias."), gen)
+    if name == "embedding.word_embeddings.weight":
+        std = getattr(m, "embedding_init_std", m.init_method_std)
+    elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        std = m.init_method_std / math.sqrt(2.0 * m.num_layers)
+    elif name.endswith(("linear_qkv.weight", "linear_fc1.weight")):
+        std = m.init_method_std
+    else:
+        raise ValueError(f"init_weights: no init rule for parameter {name}; add one in pretrain/model/params.py")
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)

@@ -2,12 +2,17 @@
 
 Everything that differs between position methods is settled here, at build time:
 
-| position   | GPTModel position_embedding_type | score bias in CoreAttention | embedding            |
-|------------|----------------------------------|-----------------------------|----------------------|
-| alibi      | none                             | ALiBi slopes (global heads) | tokens               |
-| sinusoidal | none                             | none                        | scale * tokens + PE  |
-| rope       | rope (megatron-core)             | none                        | tokens               |
-| none       | none                             | none                        | tokens (NoPE)        |
+| position   | GPTModel position_embedding_type | score bias in CoreAttention          | embedding           |
+|------------|----------------------------------|--------------------------------------|---------------------|
+| alibi      | none                             | ALiBi slopes (global heads)          | tokens              |
+| sinusoidal | none                             | none                                 | scale * tokens + PE |
+| rope       | rope (megatron-core)             | none                                 | tokens              |
+| t5         | none                             | learned T5 bucket table, shared      | tokens              |
+| kerple     | none                             | learned KERPLE log kernel, shared    | tokens              |
+| none       | none                             | none                                 | tokens (NoPE)       |
+
+A learned bias (t5, kerple) is one module per model (`GPTModel.position_bias`, see relative.py),
+built by builder.py and seen by every layer through a `SharedBias` view.
 
 The block is MPT-style (what `MptForCausalLM` / `GPT2LMHeadModel` compute): pre-LN,
 LayerNorm without bias, no linear biases, exact erf GELU, final LN (the linear-bias and GELU
@@ -39,7 +44,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from pretrain.config import ModelConfig
 
 from .alibi import AlibiBias
-from .attention import KERNELS, CoreAttention, ScoreBias
+from .attention import KERNELS, CoreAttention, ScoreBias, flex_trains_captured_tensors
+from .relative import KerpleBias, T5Bias
 from .sinusoidal import SinusoidalEmbedding
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,9 @@ class PositionSpec:
     """`position_embedding_type` handed to megatron-core's GPTModel."""
     score_bias: Callable[..., ScoreBias] | None = None
     """(TransformerConfig, tp_size, tp_rank) -> the score bias CoreAttention adds, or None."""
+    shared_bias: Callable[..., torch.nn.Module] | None = None
+    """(ModelConfig, TransformerConfig, tp_size, tp_rank) -> a learned ScoreBias module built ONCE
+    per model, registered as `GPTModel.position_bias` and used by every layer; or None."""
     wrap_embedding: Callable | None = None
     """(LanguageModelEmbedding, ModelConfig) -> module replacing `model.embedding`, or None."""
 
@@ -66,8 +75,19 @@ def _alibi(config, tp_size: int, tp_rank: int) -> AlibiBias:
     return AlibiBias(config.num_attention_heads, tp_size, tp_rank)  # slopes from the GLOBAL head count
 
 
+def _t5(m: ModelConfig, config, tp_size: int, tp_rank: int) -> T5Bias:
+    return T5Bias(config.num_attention_heads, tp_size, tp_rank, num_buckets=m.t5_num_buckets,
+                  max_distance=m.t5_max_distance, hidden_size=config.hidden_size, dtype=config.params_dtype)
+
+
+def _kerple(m: ModelConfig, config, tp_size: int, tp_rank: int) -> KerpleBias:
+    return KerpleBias(config.num_attention_heads, tp_size, tp_rank, dtype=config.params_dtype)
+
+
 POSITIONS: dict[str, PositionSpec] = {
     "alibi": PositionSpec("none", score_bias=_alibi),
+    "t5": PositionSpec("none", shared_bias=_t5),
+    "kerple": PositionSpec("none", shared_bias=_kerple),
     "sinusoidal": PositionSpec(
         "none", wrap_embedding=lambda emb, cfg: SinusoidalEmbedding(emb, cfg.embedding_scale)
     ),
@@ -85,6 +105,20 @@ def resolve_backend(requested: str) -> str:
     return backend
 
 
+def model_backend(cfg: ModelConfig) -> str:
+    """The kernel this model's layers use: `resolve_backend`, except that a learned bias (t5,
+    kerple) trains through FlexAttention only where its compiled backward gives the gradient of
+    the tensors captured by the score_mod (checked once per process on the GPU, see
+    attention.flex_trains_captured_tensors); elsewhere it falls back to sdpa with a warning."""
+    backend = resolve_backend(cfg.attention_backend)
+    if (backend == "flex" and POSITIONS[cfg.position].shared_bias is not None and torch.cuda.is_available()
+            and not flex_trains_captured_tensors("cuda")):
+        log.warning("position=%s: this torch's FlexAttention gives no correct gradient for the learned bias "
+                    "captured in its score_mod; using the sdpa reference kernel instead", cfg.position)
+        return "sdpa"
+    return backend
+
+
 @functools.cache
 def _log_once(requested: str, backend: str) -> None:
     log.info("attention backend: %s (requested %s, CUDA available: %s)", backend, requested, torch.cuda.is_available())
@@ -93,10 +127,9 @@ def _log_once(requested: str, backend: str) -> None:
                     "backward), and each new length compiles for 20-45 s; use sdpa to train on CPU")
 
 
-def layer_spec(cfg: ModelConfig, backend: str) -> ModuleSpec:
-    """One MPT-style transformer layer."""
-    position = POSITIONS[cfg.position]
-    core_attention = functools.partial(CoreAttention, kernel=KERNELS[backend], score_bias=position.score_bias)
+def layer_spec(cfg: ModelConfig, backend: str, score_bias: Callable[..., ScoreBias] | None) -> ModuleSpec:
+    """One MPT-style transformer layer; `score_bias` as `PositionSpec.score_bias`."""
+    core_attention = functools.partial(CoreAttention, kernel=KERNELS[backend], score_bias=score_bias)
     mask = AttnMaskType.no_mask if cfg.bidirectional else AttnMaskType.causal
     return ModuleSpec(
         module=TransformerLayer,
@@ -122,9 +155,9 @@ def layer_spec(cfg: ModelConfig, backend: str) -> ModuleSpec:
     )
 
 
-def block_spec(cfg: ModelConfig, config, backend: str) -> ModuleSpec:
+def block_spec(cfg: ModelConfig, config, backend: str, score_bias: Callable[..., ScoreBias] | None) -> ModuleSpec:
     """This pipeline stage's layers plus the bias-free final LayerNorm."""
-    layers = [layer_spec(cfg, backend)] * get_num_layers_to_build(config)
+    layers = [layer_spec(cfg, backend, score_bias)] * get_num_layers_to_build(config)
     return ModuleSpec(
         module=TransformerBlock,
         submodules=TransformerBlockSubmodules(layer_specs=layers, layer_norm=LayerNormNoBias),

@@ -4,7 +4,7 @@ import torch
 
 from pretrain.config import ModelConfig
 
-POSITIONS = ("alibi", "sinusoidal", "rope", "none")
+POSITIONS = ("alibi", "sinusoidal", "rope", "t5", "kerple", "none")
 
 
 def small_config(position: str, heads: int = 12, **kw) -> ModelConfig:

@@ -8,7 +8,8 @@ logits, per-token loss and gradients. Then:
 - PP=2: rank 0 = embedding + first half of the layers, rank 1 = the rest + final LN + output
   layer; activations and their gradients travel by send/recv. Compare the loss and the
   gradients; the tied embedding's gradient is the sum of the two stages' (the all-reduce that
-  training does over the embedding group).
+  training does over the embedding group), and so is that of a learned position bias shared by
+  all layers (t5, kerple: one copy per stage, all-reduced over the pipeline group).
 Writes JSON: max relative errors per case. usage: parallel_worker.py RANK WORLD PORT OUT_JSON
 """
 
@@ -18,8 +19,9 @@ import sys
 import traceback
 
 # dims along which megatron-core shards each weight under TP (others are replicated)
-ROW_SPLIT = ("linear_qkv.weight", "linear_fc1.weight", "word_embeddings.weight")  # output dim 0
-COL_SPLIT = ("linear_proj.weight", "linear_fc2.weight")  # input dim 1
+ROW_SPLIT = ("linear_qkv.weight", "linear_fc1.weight", "word_embeddings.weight",  # output dim 0
+             "position_bias.r1", "position_bias.r2")  # KERPLE [heads]
+COL_SPLIT = ("linear_proj.weight", "linear_fc2.weight", "position_bias.weight")  # input dim 1; T5 [buckets, heads]
 EMBEDDING = "embedding.word_embeddings.weight"
 
 
@@ -122,6 +124,9 @@ def main(rank, world):
             loss_pp, grads_pp = run_pipeline(torch, dist, stage, rank, ids, pos, labels, hidden_shape)
             tied_name = EMBEDDING if rank == 0 else "output_layer.weight"
             dist.all_reduce(grads_pp[tied_name])  # the embedding-group all-reduce of training
+            for n in grads_pp:
+                if n.startswith("position_bias."):
+                    dist.all_reduce(grads_pp[n])  # the pipeline-group all-reduce of training
             other = torch.empty_like(tied)
             dist.all_reduce(other.copy_(tied))  # both stages' init copies, summed
             results[f"pp-{position}"] = {

@@ -26,15 +26,16 @@ def loss_and_grads(cfg, overrides):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("position", ["alibi", "t5"])  # t5: one learned table shared by the recomputed layers
 @pytest.mark.parametrize("mode", sorted(RECOMPUTE))
-def test_recompute_with_dropout_matches_plain(single_process, mode):
-    cfg = small_config("alibi", heads=4, hidden_dropout=0.2)
+def test_recompute_with_dropout_matches_plain(single_process, mode, position):
+    cfg = small_config(position, heads=4, hidden_dropout=0.2)
     loss0, grads0 = loss_and_grads(cfg, None)
     loss1, grads1 = loss_and_grads(cfg, RECOMPUTE[mode])
     assert loss1 == pytest.approx(loss0, rel=1e-6)
     for n in grads0:  # a recompute with different dropout masks would change these
         torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-5, atol=1e-7, msg=n)
-    cfg_other = small_config("alibi", heads=4, hidden_dropout=0.2)
+    cfg_other = small_config(position, heads=4, hidden_dropout=0.2)
     torch.manual_seed(0)
     model = build_model(cfg_other).train()
     ids, pos, labels = batch(cfg_other)

@@ -1,5 +1,6 @@
-"""FlexAttention path (ALiBi as score_mod over the TP rank's slopes, causal block_mask)
-against a naive float64 attention, and against the SDPA reference on a GPU."""
+"""FlexAttention path (ALiBi as score_mod over the TP rank's slopes, causal block_mask; the T5
+table and KERPLE kernel as score_mods over learned tensors) against a naive float64 attention,
+and against the SDPA reference on a GPU (forward and backward, learned parameters included)."""
 
 import math
 
@@ -9,15 +10,21 @@ import torch
 from pretrain.model import alibi_slopes
 from pretrain.model import AlibiBias
 from pretrain.model.attention import flex_kernel, sdpa_kernel
+from pretrain.model.relative import KerpleBias, T5Bias
+
+from .test_model_reference import t5_bucket
 
 
-def naive_attention(q, k, v, slopes, causal):
-    """float64 softmax(q k^T / sqrt(d) + bias) v with slopes given per local head (or None)."""
+def naive_attention(q, k, v, slopes, causal, bias=None):
+    """float64 softmax(q k^T / sqrt(d) + bias) v with ALiBi slopes given per local head, or any
+    float64 `bias` [h, s, s], or neither."""
     q, k, v = (t.double() for t in (q, k, v))
     s = q.shape[2]
     i = torch.arange(s)[:, None]
     j = torch.arange(s)[None, :]
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [b, h, s, s]
+    if bias is not None:
+        scores = scores + bias
     if slopes is not None:
         dist = (i - j) if causal else (i - j).abs()
         scores = scores - torch.tensor(slopes, dtype=torch.float64)[:, None, None] * dist
@@ -41,6 +48,44 @@ def test_flex_score_mod_matches_naive_cpu(name, alibi, causal):
     bias = AlibiBias(12, 2, 1) if alibi else None
     out = flex_kernel(q, k, v, bias=bias, causal=causal, scale=None, compiled=False)
     want = naive_attention(q, k, v, alibi_slopes(12)[6:] if alibi else None, causal)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    ref = sdpa_kernel(q, k, v, bias=bias, causal=causal, scale=None)
+    torch.testing.assert_close(ref.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def learned_bias(position, heads=12, tp_size=2, tp_rank=1, seed=0):
+    """This rank's T5 / KERPLE module with parameters far from init (and one KERPLE r2 clamped)."""
+    torch.manual_seed(seed)
+    if position == "t5":
+        bias = T5Bias(heads, tp_size, tp_rank, num_buckets=8, max_distance=20, hidden_size=64)
+        with torch.no_grad():
+            bias.weight.normal_(0.0, 2.0)
+    else:
+        bias = KerpleBias(heads, tp_size, tp_rank)
+        with torch.no_grad():
+            bias.r1.uniform_(0.0, 3.0)
+            bias.r2.uniform_(0.0, 1.0)[0] = 0.001
+    return bias
+
+
+def naive_learned_bias(bias, s, causal):
+    """float64 [h, s, s] from the module's parameters and the formulas (T5 buckets in Python)."""
+    if isinstance(bias, T5Bias):
+        buckets = torch.tensor([[t5_bucket(j - i, causal, 8, 20) for j in range(s)] for i in range(s)])
+        return bias.weight.detach().double()[buckets].permute(2, 0, 1)
+    r1, r2 = (r.detach().double().clamp(min=0.01)[:, None, None] for r in (bias.r1, bias.r2))
+    dist = (torch.arange(s)[:, None] - torch.arange(s)[None, :]).abs()
+    return -r1 * torch.log(1 + r2 * dist)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("position", ["t5", "kerple"])
+def test_learned_score_mod_matches_naive_cpu(position, causal):
+    q, k, v = qkv()
+    bias = learned_bias(position)
+    with torch.no_grad():  # CPU flex: forward only
+        out = flex_kernel(q, k, v, bias=bias, causal=causal, scale=None, compiled=False)
+    want = naive_attention(q, k, v, None, causal, naive_learned_bias(bias, q.shape[2], causal))
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
     ref = sdpa_kernel(q, k, v, bias=bias, causal=causal, scale=None)
     torch.testing.assert_close(ref.double(), want, rtol=1e-5, atol=1e-6)
@@ -92,3 +137,51 @@ def test_model_flex_matches_sdpa_gpu(single_process, position):
     (l_flex, g_flex), (l_ref, g_ref) = results
     torch.testing.assert_close(l_flex, l_ref, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(g_flex, g_ref, rtol=5e-2, atol=5e-2 * g_ref.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("position", ["t5", "kerple"])
+def test_learned_flex_matches_sdpa_reference_gpu_fwd_bwd(position, causal):
+    # The compiled score_mod over learned tensors (rank 1 of TP=2) against the dense reference:
+    # outputs and the gradients of q, k, v AND of the learned bias parameters (fp32).
+    dev = "cuda"
+    q, k, v = (t.requires_grad_() for t in qkv(b=2, h=6, s=1024, d=64, device=dev))
+    bias = learned_bias(position).to(dev)
+    params = list(bias.parameters())
+    grad = torch.randn_like(q)
+    outs, grads = [], []
+    for kernel in (flex_kernel, sdpa_kernel):
+        out = kernel(q, k, v, bias=bias, causal=causal, scale=None)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, (q, k, v, *params), grad))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=1e-3)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item())
+
+
+def test_learned_bias_falls_back_to_sdpa_where_flex_cannot_train_it(single_process, monkeypatch, caplog):
+    # On a GPU whose torch gives no gradient for score_mod-captured tensors, t5/kerple use sdpa.
+    import logging
+
+    from pretrain.model import build_model, spec
+
+    from .model_helpers import small_config
+
+    monkeypatch.setattr(spec.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(spec, "flex_trains_captured_tensors", lambda device: False)
+    assert spec.model_backend(small_config("alibi", attention_backend="flex")) == "flex"  # nothing learned
+    with caplog.at_level(logging.WARNING, logger="pretrain.model.spec"):
+        assert spec.model_backend(small_config("t5", attention_backend="flex")) == "sdpa"
+    assert "using the sdpa reference kernel" in caplog.text
+    monkeypatch.setattr(spec, "flex_trains_captured_tensors", lambda device: True)
+    model = build_model(small_config("kerple", attention_backend="flex"))
+    assert model.decoder.layers[0].self_attention.core_attention.kernel is flex_kernel
+
+
+@pytest.mark.gpu
+def test_flex_trains_captured_tensors_on_this_gpu():
+    # The check that model_backend relies on: False here means t5/kerple train on sdpa (logged).
+    from pretrain.model.attention import flex_trains_captured_tensors
+
+    assert flex_trains_captured_tensors("cuda")
