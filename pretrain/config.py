@@ -63,9 +63,10 @@ class ModelConfig:
     """T5 bias: distances >= this share the last bucket (T5's setting)."""
     embedding_scale: float = 1.0
     """Token embeddings are multiplied by this before the position table is added. Sinusoidal
-    configs use sqrt(hidden_size) with embedding_init_std = hidden_size**-0.5 (fairseq; without
-    it the unit-amplitude table swamps the tokens). Must be 1.0 for ALiBi (MPT export has none);
-    the GPT-2 export folds it in by untying (wte = scale * E, lm_head = E)."""
+    configs scale the tokens to rms 1 at init, 1 / embedding_init_std (fairseq's sqrt(d) with
+    std d^-0.5; without it the unit-amplitude table swamps the tokens), with the std the other
+    methods use at small d (docs/design.md, Baselines). Must be 1.0 for ALiBi (MPT export has
+    none); the GPT-2 export folds it in by untying (wte = scale * E, lm_head = E)."""
     embedding_init_std: float = 0.02
     """Std of the normal init of the (tied) token embedding."""
     hidden_dropout: float = 0.0
