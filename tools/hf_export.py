@@ -6,21 +6,30 @@
 - sinusoidal -> `GPT2LMHeadModel`: the fixed table written into `wpe` for `max_positions`
   positions, zero biases, exact GELU, Conv1D weights transposed; an embedding scale s is folded in
   by untying: `wte = s * E`, `lm_head = E`.
-- rope / none: no stock HF class without `trust_remote_code` matches them; refused.
+- rope -> `GPTNeoXForCausalLM`: rotary on the full head (`partial_rotary_factor` 1.0), megatron's
+  base, sequential residual (`use_parallel_residual` False), exact GELU, no attention biases, zero
+  LayerNorm and MLP biases. Both rotate halves (megatron-core `rotary_interleaved=False`, GPT-NeoX
+  `rotate_half`) with angles p * base^(-2k / dh) (docs/reference.md §4).
+- none -> the same `GPTNeoXForCausalLM` with `partial_rotary_factor` 0.0: no rotated dims, NoPE.
+- t5 / kerple: no stock HF class computes a learned bias over these buckets or this kernel in a
+  decoder without `trust_remote_code`; refused, naming the methods that export.
 
 megatron-core's fused `linear_qkv` is laid out per head, rows [(n, 3, dh), d] = [q_h, k_h, v_h]
-for each head h; HF expects [all q | all k | all v], rows [(3, n, dh), d].
+for each head h; MPT and GPT-2 expect [all q | all k | all v], rows [(3, n, dh), d]; GPT-NeoX's
+`query_key_value` is per head like megatron's.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, MptConfig, MptForCausalLM, PreTrainedModel
+from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, MptConfig, MptForCausalLM,
+                          PreTrainedModel)
 
 from pretrain.config import Config
 from pretrain.model import sinusoidal_table
 
-EXPORTABLE = {"alibi": "MptForCausalLM", "sinusoidal": "GPT2LMHeadModel"}
+EXPORTABLE = {"alibi": "MptForCausalLM", "sinusoidal": "GPT2LMHeadModel", "rope": "GPTNeoXForCausalLM",
+              "none": "GPTNeoXForCausalLM"}
 
 
 class ExportError(ValueError):
@@ -41,10 +50,10 @@ def megatron_to_hf(cfg: Config, state_dict: dict[str, torch.Tensor], max_positio
             + ", ".join(f"{k} -> {v}" for k, v in EXPORTABLE.items())
         )
     if m.bidirectional:
-        raise ExportError("bidirectional (encoder) ALiBi models have no causal-LM equivalent in Hugging Face")
+        raise ExportError("bidirectional (encoder) models have no causal-LM equivalent in Hugging Face")
     max_positions = max_positions or 16 * m.seq_length
     sd = {k: v.detach().to(torch.float32) for k, v in state_dict.items() if not k.endswith("_extra_state")}
-    build = _to_mpt if m.position == "alibi" else _to_gpt2
+    build = {"alibi": _to_mpt, "sinusoidal": _to_gpt2}.get(m.position, _to_neox)
     model = build(cfg, sd, max_positions)
     model.config.train_seq_length = m.seq_length  # read back by tools/eval_extrapolation.py
     model.config.position_method = m.position
@@ -164,6 +173,42 @@ def _to_gpt2(cfg: Config, sd: dict[str, torch.Tensor], max_positions: int) -> GP
             p + "ln_2.weight": w["ln2"], p + "ln_2.bias": zeros(d),
             p + "mlp.c_fc.weight": w["fc1"].t(), p + "mlp.c_fc.bias": zeros(m.ffn_hidden_size),
             p + "mlp.c_proj.weight": w["fc2"].t(), p + "mlp.c_proj.bias": zeros(d),
+        }
+    _load_exact(model, new)
+    return model
+
+
+# ------------------------------------------------------------------ rotary / none -> GPT-NeoX
+
+
+def _to_neox(cfg: Config, sd: dict[str, torch.Tensor], max_positions: int) -> GPTNeoXForCausalLM:
+    m = cfg.model
+    _check_no_biases(sd)
+    emb, out = _embedding(sd), _output(sd)
+    out = emb if out is None else out
+    hf_cfg = GPTNeoXConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, intermediate_size=m.ffn_hidden_size, hidden_act="gelu",
+        max_position_embeddings=max_positions, layer_norm_eps=m.layernorm_epsilon, use_parallel_residual=False,
+        attention_bias=False, hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=torch.equal(out, emb),
+        rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base),
+                         "partial_rotary_factor": 1.0 if m.position == "rope" else 0.0},
+        bos_token_id=None, eos_token_id=None,
+    )
+    model = GPTNeoXForCausalLM(hf_cfg)
+    d, zeros = m.hidden_size, torch.zeros
+    new = {"gpt_neox.embed_in.weight": emb, "lm_head.weight": out,
+           "gpt_neox.final_layer_norm.weight": sd["decoder.final_layernorm.weight"],
+           "gpt_neox.final_layer_norm.bias": zeros(d)}
+    for i in range(m.num_layers):
+        w, p = _layer(sd, i), f"gpt_neox.layers.{i}."
+        new |= {
+            p + "input_layernorm.weight": w["ln1"], p + "input_layernorm.bias": zeros(d),
+            p + "attention.query_key_value.weight": w["qkv"],  # per head [q_h, k_h, v_h], as megatron
+            p + "attention.dense.weight": w["proj"],
+            p + "post_attention_layernorm.weight": w["ln2"], p + "post_attention_layernorm.bias": zeros(d),
+            p + "mlp.dense_h_to_4h.weight": w["fc1"], p + "mlp.dense_h_to_4h.bias": zeros(m.ffn_hidden_size),
+            p + "mlp.dense_4h_to_h.weight": w["fc2"], p + "mlp.dense_4h_to_h.bias": zeros(d),
         }
     _load_exact(model, new)
     return model

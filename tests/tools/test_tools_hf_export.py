@@ -1,9 +1,10 @@
 """HF export is exact: HF logits equal our megatron-core model's (fp32) at L and 4L, greedy
-generation is identical, and methods without a stock HF class are refused by name."""
+generation is identical (ALiBi -> MPT, sinusoidal -> GPT-2, rotary and none -> GPT-NeoX), and
+methods without a stock HF class (t5, kerple) are refused by name."""
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel, MptForCausalLM
+from transformers import GPT2LMHeadModel, GPTNeoXForCausalLM, MptForCausalLM
 
 from pretrain.config import Config, ModelConfig
 from pretrain.model import build_model
@@ -51,6 +52,8 @@ def our_greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
     ("alibi", 12, MptForCausalLM),  # 12 heads: the non-power-of-two slope rule
     ("alibi", 8, MptForCausalLM),
     ("sinusoidal", 12, GPT2LMHeadModel),
+    ("rope", 12, GPTNeoXForCausalLM),
+    ("none", 12, GPTNeoXForCausalLM),
 ])
 def test_hf_logits_and_generation_equal_ours(position, heads, cls):
     cfg = tiny(position, heads)
@@ -88,8 +91,21 @@ def test_export_depends_on_the_qkv_reordering():
         assert (wrong(x).logits - our_logits(model, x)).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("position", ["rope", "none"])
-def test_rope_and_nope_are_refused_naming_the_exportable_methods(position):
+def test_rotary_export_depends_on_the_rotation():
+    """Negative control: the same rotary weights exported without rotation (as NoPE) differ."""
+    import dataclasses
+
+    cfg = tiny("rope")
+    model = our_model(cfg)
+    nope = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, position="none"))
+    x = torch.randint(0, cfg.model.vocab_size, (1, L))
+    with torch.no_grad():
+        assert (megatron_to_hf(nope, model.state_dict()).eval()(x).logits - our_logits(model, x)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("position", ["t5", "kerple"])
+def test_learned_biases_are_refused_naming_the_exportable_methods(position):
     cfg = tiny(position)
-    with pytest.raises(ExportError, match=r"alibi -> MptForCausalLM, sinusoidal -> GPT2LMHeadModel"):
+    with pytest.raises(ExportError, match=r"alibi -> MptForCausalLM, sinusoidal -> GPT2LMHeadModel, "
+                                          r"rope -> GPTNeoXForCausalLM, none -> GPTNeoXForCausalLM"):
         megatron_to_hf(cfg, {})
