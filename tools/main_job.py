@@ -3,10 +3,11 @@
     python tools/main_job.py [--output outputs/main_job] [--quick] [--fresh]
 
 Builds the embedded default corpus, trains a SentencePiece tokenizer, preprocesses, trains the
-tiny ALiBi and sinusoidal models at L=64 (pretrain/train.py), exports the ALiBi one to Hugging
-Face, evaluates all three (ours x2, HF ALiBi) at L..16L with nonoverlapping windows, and writes
-OUT/eval/extrapolation.png (perplexity vs length) and OUT/comparison.md. --quick runs the same
-code with a smaller corpus and a few steps (CI); stages whose output exists are reused.
+paper's four methods as tiny models at L=64 side by side (sinusoidal, rotary, T5 bias, ALiBi;
+pretrain/train.py), exports the ALiBi one to Hugging Face, evaluates all five (ours x4, HF
+ALiBi) at L..16L with nonoverlapping windows, and writes OUT/eval/extrapolation.png (perplexity
+vs length, the paper's Figure 1) and OUT/comparison.md. --quick runs the same code with a
+smaller corpus and a few steps (CI); stages whose output exists are reused.
 """
 
 from __future__ import annotations
@@ -40,8 +41,7 @@ def main(argv=None) -> dict:
     tok, data = mp.build_data(out, s)
     runs = mp.train(out, data, s)
     hf = mp.export(out, runs["alibi"], tok, s)
-    records = mp.extrapolation(out, data, {"alibi": runs["alibi"], "alibi (HF export)": hf,
-                                           "sinusoidal": runs["sinusoidal"]}, s)
+    records = mp.extrapolation(out, data, {**runs, "alibi (HF export)": hf}, s)
     table = mp.comparison_table(records, runs)
     cfg = mp.model_config("alibi", s)
     (out / "comparison.md").write_text(

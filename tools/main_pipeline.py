@@ -1,8 +1,9 @@
 """The stages of the main job (tools/main_job.py), each skipped when its output already exists so
 that an interrupted run continues where it stopped (training itself resumes from checkpoints).
 
-corpus -> tokenizer -> preprocess -> train tiny ALiBi and sinusoidal at L -> export ALiBi to HF
--> evaluate all three at L .. 16L (nonoverlapping) -> Figure 1 + comparison table.
+corpus -> tokenizer -> preprocess -> train the paper's four methods (sinusoidal, rotary, T5 bias,
+ALiBi) at the same L -> export ALiBi to HF -> evaluate all five at L .. 16L (nonoverlapping) ->
+Figure 1 + comparison table.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ FULL = Settings(corpus_mb=5.0, length_multipliers=(1, 2, 4, 8, 16), eval_tokens=
 QUICK = Settings(corpus_mb=1.0, length_multipliers=(1, 2, 8), eval_tokens=2048,
                  overrides=("train.steps=16", "train.global_batch_size=8", "train.micro_batch_size=8",
                             "optim.warmup_steps=4", "train.log_interval=1"))
-MODELS = {"alibi": ROOT / "configs" / "main_job_alibi.yaml", "sinusoidal": ROOT / "configs" / "main_job_sinusoidal.yaml"}
+MODELS = {name: ROOT / "configs" / f"main_job_{name}.yaml" for name in ("sinusoidal", "rope", "t5", "alibi")}
+"""The paper's Figure 1 methods, in its legend's order (sinusoidal, rotary, T5 bias, ALiBi)."""
 
 
 def model_config(name: str, s: Settings) -> Config:
@@ -73,11 +75,11 @@ def build_data(out: Path, s: Settings) -> tuple[Path, Path]:
 
 
 def train(out: Path, data: Path, s: Settings) -> dict[str, Path]:
-    """Train both tiny models with pretrain/train.py, as a user would, side by side (one CPU
-    thread each: the 2-core laptop case), polling their metrics.jsonl for progress."""
+    """Train the tiny models with pretrain/train.py, as a user would, side by side (one CPU
+    thread each, sharing the 2-core laptop's cores), polling their metrics.jsonl for progress."""
     cfg = model_config("alibi", s)
     steps = cfg.train.steps
-    t = stage(f"train tiny {' and '.join(MODELS)} at L={cfg.model.seq_length} for {steps} steps (in parallel)")
+    t = stage(f"train tiny {', '.join(MODELS)} at L={cfg.model.seq_length} for {steps} steps (in parallel)")
     procs, runs = {}, {}
     for name, config in MODELS.items():
         run_dir = runs[name] = out / "runs" / name

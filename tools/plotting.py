@@ -16,7 +16,7 @@ def plot_extrapolation(records: list[dict], path: str | Path, title: str | None 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, model in enumerate(dict.fromkeys(r["model"] for r in records)):
         rs = sorted((r for r in records if r["model"] == model), key=lambda r: r["length"])
-        color, style = f"C{i}", ["o-", "x--", "s-.", "^:"][i % 4]  # distinct styles: equal curves stay visible
+        color, style = f"C{i}", ["o-", "x--", "s-.", "^:", "v--"][i % 5]  # distinct styles: equal curves stay visible
         train = rs[0]["train_length"]
         ax.plot([r["length"] for r in rs], [r["ppl"] for r in rs], style, color=color, label=f"{model} (L={train})")
         ax.axvline(train, color=color, linestyle=":", alpha=0.7)

@@ -1,4 +1,4 @@
-"""megatron-core GPT with ALiBi, sinusoidal, rotary or no positions (MPT-style block).
+"""megatron-core GPT with ALiBi, sinusoidal, rotary, T5-bias, KERPLE or no positions (MPT-style block).
 
 Build (parallel_state must be initialized first)::
 
@@ -33,12 +33,15 @@ f = ffn_hidden_size, V = vocab_size). No biases anywhere; LayerNorms have only a
     decoder.layers.L.mlp.linear_fc1.weight            [f, d]
     decoder.layers.L.mlp.linear_fc2.weight            [d, f]
     decoder.final_layernorm.weight                    [d]
+    position_bias.weight                              [buckets, n]  t5 only: one table for all layers
+    position_bias.r1, position_bias.r2                [n]     kerple only: one kernel for all layers
     *._extra_state                                    value None, one per linear (linear_qkv,
                                                       linear_proj, linear_fc1, linear_fc2,
                                                       output_layer): megatron bookkeeping; skip
 
 Layer math (x: [s, b, d]):  x = x + proj(attn(LN1(x)));  x = x + fc2(gelu_erf(fc1(LN2(x))));
-logits = LN_f(x) @ E^T. Attention scores: q.k / sqrt(dh) (+ ALiBi -m_h (i - j)), causal.
+logits = LN_f(x) @ E^T. Attention scores: q.k / sqrt(dh) (+ ALiBi -m_h (i - j), or T5's
+table[bucket(j - i), h], or KERPLE's -max(r1_h, .01) log(1 + max(r2_h, .01) |i - j|)), causal.
 Embedding input: E[tok] (alibi/rope/none) or embedding_scale * E[tok] + PE[pos] (sinusoidal,
 `sinusoidal.sinusoidal_table`).
 
@@ -50,6 +53,11 @@ HF mapping:
 - sinusoidal -> GPT2LMHeadModel: wte = embedding_scale * E, lm_head = E (untied unless the
   scale is 1), wpe = sinusoidal_table(arange(n_positions), d); c_attn = qkv reordered as above
   and transposed (Conv1D); all biases zero; activation_function "gelu".
+- rope / none -> GPTNeoXForCausalLM: embed_in = E, lm_head = E; layers.L.input_layernorm /
+  post_attention_layernorm = the two LNs (zero bias); attention.query_key_value = linear_qkv
+  unchanged (per head, as megatron); attention.dense = proj; mlp.dense_h_to_4h / dense_4h_to_h =
+  fc1 / fc2 (zero biases); partial_rotary_factor 1.0 (rope) or 0.0 (none), use_parallel_residual
+  False, hidden_act "gelu".
 """
 
 from .alibi import AlibiBias, alibi_bias, alibi_slopes, rank_slopes

@@ -1,7 +1,7 @@
-"""compare_runs.py benchmark mode on CPU (tiny configs, ALiBi at L and sinusoidal at 2L with equal
-tokens per step), and the HF export of checkpoints trained with tensor or pipeline parallelism
-(TP=2 or PP=2, two gloo processes): HF logits equal our model's, and HF perplexity equals what
-the parallel model itself logged for validation."""
+"""compare_runs.py benchmark mode on CPU (tiny configs, ALiBi, T5 and KERPLE at L and sinusoidal at
+2L with equal tokens per step), and the HF export of checkpoints trained with tensor or pipeline
+parallelism (ALiBi at TP=2 or PP=2, rotary at TP=2; two gloo processes): HF logits equal our
+model's, and HF perplexity equals what the parallel model itself logged for validation."""
 
 import json
 import socket
@@ -27,15 +27,16 @@ pytestmark = pytest.mark.slow
 
 def test_benchmark_mode_table_json_and_chart(quick_job, tmp_path):
     out, _ = quick_job
-    compare_main(["bench", "--config", "configs/tiny_alibi.yaml", "configs/tiny_sinusoidal.yaml",
-                  "--seq-lengths", "64,128", "--tokens-per-batch", "512", "--steps", "3", "--warmup", "1",
-                  "--data", str(out / "data"), "--output", str(tmp_path)])
+    compare_main(["bench", "--config", "configs/tiny_alibi.yaml", "configs/tiny_t5.yaml", "configs/tiny_kerple.yaml",
+                  "configs/tiny_sinusoidal.yaml", "--seq-lengths", "64,64,64,128", "--tokens-per-batch", "512",
+                  "--steps", "3", "--warmup", "1", "--data", str(out / "data"), "--output", str(tmp_path)])
     report = json.loads((tmp_path / "benchmark.json").read_text())
-    assert report["attention_kernel"] == "sdpa"  # CPU: the same family for both runs, stated
-    alibi, sinus = report["rows"]
-    assert (alibi["position"], alibi["seq_length"], alibi["micro_batch"]) == ("alibi", 64, 8)
+    assert report["attention_kernel"] == "sdpa"  # CPU: the same family for every run, stated
+    alibi, t5, kerple, sinus = report["rows"]
+    for row, position in ((alibi, "alibi"), (t5, "t5"), (kerple, "kerple")):
+        assert (row["position"], row["seq_length"], row["micro_batch"]) == (position, 64, 8)
     assert (sinus["position"], sinus["seq_length"], sinus["micro_batch"]) == ("sinusoidal", 128, 4)
-    assert alibi["steps_timed"] == sinus["steps_timed"] == 2
+    assert {r["steps_timed"] for r in report["rows"]} == {2}
     for row in report["rows"]:
         assert row["tokens_per_s"] > 0 and row["peak_mem_gb"] > 0 and 0 < row["mfu"] < 1
     ratio = report["ratios"]["tiny_alibi@64 / tiny_sinusoidal@128"]
@@ -45,11 +46,11 @@ def test_benchmark_mode_table_json_and_chart(quick_job, tmp_path):
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("layout", ["--tp", "--pp"])
-def test_tp2_or_pp2_trained_checkpoint_exports_exactly(quick_job, tmp_path, layout):
+@pytest.mark.parametrize("layout,position", [("--tp", "alibi"), ("--pp", "alibi"), ("--tp", "rope")])
+def test_tp2_or_pp2_trained_checkpoint_exports_exactly(quick_job, tmp_path, layout, position):
     out, _ = quick_job
     run = tmp_path / "run"
-    argv = [str(ROOT / "pretrain" / "train.py"), "--config", str(ROOT / "configs" / "tiny_alibi.yaml"),
+    argv = [str(ROOT / "pretrain" / "train.py"), "--config", str(ROOT / "configs" / f"tiny_{position}.yaml"),
             layout, "2", "--run-dir", str(run), "--data", str(out / "data"), "--steps", "3", "--log-interval", "1",
             "train.global_batch_size=4", "train.micro_batch_size=4", "optim.lr=3e-3", "optim.warmup_steps=1",
             "validation.interval=3", "validation.length_multipliers=[1,4]", "validation.tokens=2048",

@@ -20,7 +20,7 @@ def test_main_job_writes_figure_table_and_equal_hf_perplexity(quick_job):
     out, summary = quick_job
     records = json.loads((out / "eval" / "results.json").read_text())
     assert all(list(r) == FIELDS for r in records)
-    assert {r["model"] for r in records} == {"alibi", "alibi (HF export)", "sinusoidal"}
+    assert {r["model"] for r in records} == {"sinusoidal", "rope", "t5", "alibi", "alibi (HF export)"}
     assert sorted({r["length"] for r in records}) == [64, 128, 512]  # L .. 8L
     ours = {r["length"]: r for r in records if r["model"] == "alibi"}
     hf = {r["length"]: r for r in records if r["model"] == "alibi (HF export)"}
@@ -30,7 +30,7 @@ def test_main_job_writes_figure_table_and_equal_hf_perplexity(quick_job):
     assert (out / "eval" / "extrapolation.png").stat().st_size > 10_000
     table = (out / "comparison.md").read_text()
     assert "| alibi (HF export) | 64 |" in table and "ppl@512" in table
-    for name in ("alibi", "sinusoidal"):  # the quick runs still learn
+    for name in ("sinusoidal", "rope", "t5", "alibi"):  # the quick runs still learn
         losses = [json.loads(x)["loss"] for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         assert losses[-1] < losses[0] - 0.5
 
@@ -71,7 +71,7 @@ def test_eval_cli_sliding_stride_L_equals_nonoverlapping(quick_job, tmp_path):
     assert (tmp_path / "n" / "extrapolation.png").is_file()
 
 
-@pytest.mark.parametrize("name", ["alibi", "sinusoidal"])
+@pytest.mark.parametrize("name", ["alibi", "sinusoidal", "rope"])
 def test_trained_tp1_checkpoints_export_exactly(quick_job, name):
     import torch
 

@@ -3,7 +3,7 @@
 validation perplexities at L, 2L, 4L; in every layout a fresh engine resumed from the
 checkpoint continues with exactly the losses of the uninterrupted engine; every layout's
 checkpoint consolidates to the same TP=1/PP=1 state dict, which for the single process is the
-model's own state dict."""
+model's own state dict. The same for the learned biases (t5, kerple) at tp=2 and pp=2."""
 
 from __future__ import annotations
 
@@ -31,12 +31,34 @@ def test_train_layouts_match_single_process(tiny_data, tmp_path):
     group = launch([WORKER, str(tmp_path), str(tiny_data), str(TINY), *LAYOUTS_2], 2)
     group4 = launch([WORKER, str(tmp_path), str(tiny_data), str(TINY), "2,2,1"], 4)
     assert wait_all(single + group + group4, timeout=400) == [0] * 7
+    assert_layouts_match(tmp_path, 3 + len(LAYOUTS_2) + 1)
 
-    ref = json.loads((tmp_path / "losses_w1.json").read_text())
-    losses = {**ref, **json.loads((tmp_path / "losses_w2.json").read_text()),
-              **json.loads((tmp_path / "losses_w4.json").read_text())}
-    assert len(losses) == 3 + len(LAYOUTS_2) + 1
-    base, base_ppl = ref["tp1_pp1_z0_w1"]["losses"], ref["tp1_pp1_z0_w1"]["ppl"]
+
+@pytest.mark.slow
+def test_learned_bias_layouts_match_single_process(tiny_data, tmp_path):
+    # t5 and kerple: one learned bias shared by every layer, TP-sliced by heads, one copy per
+    # pipeline stage tied by a gradient all-reduce; checkpoints keep it (resume, consolidation)
+    procs = []
+    for position in ("t5", "kerple"):
+        out, config = tmp_path / position, str(REPO / "configs" / f"tiny_{position}.yaml")
+        out.mkdir()
+        procs += launch([WORKER, str(out), str(tiny_data), config, "1,1,0"], 1)
+        procs += launch([WORKER, str(out), str(tiny_data), config, "2,1,1", "1,2,1"], 2)
+    assert wait_all(procs, timeout=400) == [0] * 6
+    for position in ("t5", "kerple"):
+        merged = assert_layouts_match(tmp_path / position, 3)
+        bias = {k: v for k, v in merged.items() if k.startswith("position_bias.")}
+        assert len(bias) == (1 if position == "t5" else 2), sorted(merged)
+
+
+def assert_layouts_match(tmp_path: Path, count: int) -> dict[str, torch.Tensor]:
+    """Every layout's losses, validation perplexities, resumed losses and consolidated
+    checkpoint equal the single process's (tp1_pp1_z0_w1); returns its consolidated state."""
+    losses = {}
+    for f in sorted(tmp_path.glob("losses_w*.json")):
+        losses |= json.loads(f.read_text())
+    assert len(losses) == count
+    base, base_ppl = losses["tp1_pp1_z0_w1"]["losses"], losses["tp1_pp1_z0_w1"]["ppl"]
     assert base[-1] < base[0] - 0.3, f"the tiny model should learn in 5 steps: {base}"
     assert sorted(base_ppl, key=int) == ["64", "128", "256"]
     for name, got in losses.items():
@@ -65,3 +87,4 @@ def test_train_layouts_match_single_process(tiny_data, tmp_path):
             # whose gradient is ~0 differ by rounding across reduction orders: allow a tenth of
             # one step (lr 3e-3); a wrong shard order or layer number differs by ~init std 0.02.
             torch.testing.assert_close(merged[k], merged_ref[k], rtol=0, atol=3e-4, msg=f"{name}: {k}")
+    return merged_ref

@@ -8,9 +8,12 @@ Variants (causal, b = tokens // L sequences, h heads of d):
   sdpa-ref-fp32bias  the model's reference path (pretrain.model.attention.sdpa_kernel: fp32 bias,
                      q/k/v upcast to fp32)
   sdpa-flash-nobias  SDPA is_causal, flash kernel, no bias (the ceiling)
+  t5-flex, kerple-flex          FlexAttention, the learned T5 table / KERPLE kernel as score_mod
+                                (on a GPU the backward includes the bias parameters' gradients)
+  t5-sdpa-ref, kerple-sdpa-ref  the model's reference path for them (dense fp32 bias)
 FLOPs counted for every variant as the causal half of 4*b*h*L^2*d forward, x3.5 forward+backward.
 Outputs are checked (max abs diff in the table) against sdpa-ref-fp32bias for the ALiBi
-variants and sdpa-flash-nobias for the others.
+variants, the method's own *-sdpa-ref for T5 and KERPLE, and sdpa-flash-nobias for the others.
 
 GPU:  python tools/bench/attention.py --out docs/bench_attention.json
 CPU smoke (tiny sizes, flex forward-only in eager mode: CPU flex has no backward):
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 
 from pretrain.model import AlibiBias
 from pretrain.model.attention import flex_kernel, sdpa_kernel
+from pretrain.model.relative import KerpleBias, T5Bias
 
 
 def variants(h: int, L: int, dev: str, dtype: torch.dtype, smoke: bool):
@@ -50,7 +54,20 @@ def variants(h: int, L: int, dev: str, dtype: torch.dtype, smoke: bool):
         "sdpa-bias": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), True),
         "sdpa-ref-fp32bias": (lambda q, k, v: sdpa_kernel(q, k, v, bias=alibi, causal=True, scale=None), True),
         "sdpa-flash-nobias": (flash, False),
+        **learned_variants(h, dev, flex),
     }
+
+
+def learned_variants(h: int, dev: str, flex: dict) -> dict:
+    """T5 (T5's 32 buckets, max distance 128) and KERPLE at their init, flex and reference; the
+    bias parameters take gradients where the backward runs (GPU), as in training."""
+    out = {}
+    for name, bias in (("t5", T5Bias(h, 1, 0, num_buckets=32, max_distance=128, hidden_size=1024)),
+                       ("kerple", KerpleBias(h, 1, 0))):
+        bias = bias.to(dev).requires_grad_(dev == "cuda")  # CPU flex refuses tensors that require grad
+        out[f"{name}-flex"] = (lambda q, k, v, b=bias: flex_kernel(q, k, v, bias=b, causal=True, scale=None, **flex), name)
+        out[f"{name}-sdpa-ref"] = (lambda q, k, v, b=bias: sdpa_kernel(q, k, v, bias=b, causal=True, scale=None), name)
+    return out
 
 
 def measure(fn, q, k, v, backward: bool, iters: int, dev: str) -> tuple[float, float | None, torch.Tensor]:
@@ -104,16 +121,17 @@ def main(argv=None) -> list[dict]:
                    for _ in range(3))
         fwd_flops = 4 * b * args.heads * L * L * args.head_dim / 2
         refs = {}
-        for name, (fn, alibi) in variants(args.heads, L, dev, dtype, args.smoke).items():
+        vs = variants(args.heads, L, dev, dtype, args.smoke)
+        for name, (fn, alibi) in vs.items():
             backward = dev == "cuda" or "flex" not in name
             sec, peak, out = measure(fn, q, k, v, backward, args.iters, dev)
-            if name in ("sdpa-ref-fp32bias", "sdpa-flash-nobias"):
+            if name in ("sdpa-ref-fp32bias", "sdpa-flash-nobias") or name.endswith("-sdpa-ref"):
                 refs[alibi] = out
             rows.append(dict(variant=name, L=L, batch=b, heads=args.heads, head_dim=args.head_dim,
                              dtype=str(dtype).removeprefix("torch."), mode="fwd+bwd" if backward else "fwd",
                              ms=sec * 1e3, tflops=fwd_flops * (3.5 if backward else 1.0) / sec / 1e12,
                              peak_gib=peak, alibi=alibi, _out=out))
-        for r in rows[-5:]:
+        for r in rows[-len(vs):]:
             out = r.pop("_out")
             r["max_abs_diff_vs_ref"] = (out.float() - refs[r["alibi"]].float()).abs().max().item()
     device = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
