@@ -228,8 +228,11 @@ class Trainer:
             self.gpt = module.forward_funcs[0].gpt
             mpu = None  # the PipelineModule's grid (same rank order as megatron) is the mpu
         if cfg.parallel.zero_stage == 3:
-            # The output layer reads the embedding's weight outside the embedding module.
-            deepspeed.zero.register_external_parameter(self.gpt, self.gpt.shared_embedding_or_output_weight())
+            # The output layer reads the embedding's weight outside the embedding module, and every
+            # layer reads the learned position bias (t5, kerple), whose own forward never runs.
+            bias = getattr(self.gpt, "position_bias", None)
+            for p in [self.gpt.shared_embedding_or_output_weight(), *(bias.parameters() if bias else [])]:
+                deepspeed.zero.register_external_parameter(self.gpt, p)
         if config["zero_optimization"]["stage"] == 0 and not config["bf16"]["enabled"]:
             # DeepSpeed's plain fp32 clip counts the tied pipeline copy twice and pipeline stages'
             # LayerNorms not at all; the skip hook clips instead (same formula as ZeRO's).
