@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = build_config(args)
+        allow = allowed_changes(args.allow_config_change, cfg)
         if args.dry_run:
             from pretrain.memory import estimate_memory
 
@@ -84,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
                                    f"{cfg.hardware.gpu_memory_gb:g}: lower train.micro_batch_size, set "
                                    "train.activation_checkpointing=true, raise zero_stage or tensor_parallel"])
             return 0
-        allow = allowed_changes(args.allow_config_change, cfg)
         env = read_env()
         from pretrain.checkpoint import CheckpointError
         from pretrain.loop import TrainingError, train
