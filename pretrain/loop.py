@@ -168,10 +168,9 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
             if changes.refused:
                 raise checkpoint.CheckpointError("; ".join(f"cannot resume {ckpt}: {p}" for p in changes.refused))
     step, bad_in_row, skipped = meta.get("step", 0), meta.get("bad_in_row", 0), meta.get("skipped_total", 0)
-    start_step = step
-    reader = data.BatchReader(data.build_train_dataset(cfg, plan.data, (step, meta.get("consumed_samples", 0))),
-                              cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
-                              origin=(step, meta.get("consumed_samples", 0)))
+    start_step, origin = step, (step, meta.get("consumed_samples", 0))
+    reader = data.BatchReader(data.build_train_dataset(cfg, plan.data, origin), cfg, ps.get_data_parallel_rank(),
+                              ps.get_data_parallel_world_size(), origin)
     val_tokens = None
     if cfg.validation.interval:  # the first tokens of the first source's valid split
         first = plan.data.sources[0]

@@ -107,9 +107,11 @@ def plant(path: Path, marker: Path) -> None:
 def test_planted_payload_does_not_run_on_resume(trained, tmp_path, stem):
     run, marker = copy_run(trained, tmp_path), tmp_path / "pwned"
     plant(ckpt_file(run, STEPS, stem), marker)
-    with pytest.raises(checkpoint.CheckpointError, match="not an RNG state of ours|refused to load"):
+    with pytest.raises(Exception) as e:
         resume_from(trained[1], run)
     assert not marker.exists(), f"a pickle payload in {stem} ran on resume"
+    assert isinstance(e.value, checkpoint.CheckpointError), e.value  # refused with a message, not a crash
+    assert "not an RNG state of ours" in str(e.value) or "refused to load (it needs ['posix.system']" in str(e.value)
 
 
 def test_planted_payloads_do_not_run_on_convert_or_eval(trained, tmp_path):
@@ -125,11 +127,12 @@ def test_planted_payloads_do_not_run_on_convert_or_eval(trained, tmp_path):
     assert load_model(run, torch.device("cpu")).train_length == 64
     assert not marker.exists()
     plant(ckpt_file(run, STEPS, MODEL_FILE), marker)  # the file they do read
-    with pytest.raises(checkpoint.CheckpointError, match="not a model shard of ours"):
-        convert(run / "checkpoints" / f"step_{STEPS:08d}", tmp_path / "hf2")
-    with pytest.raises(checkpoint.CheckpointError, match="not a model shard of ours"):
-        load_model(run, torch.device("cpu"))
-    assert not marker.exists(), "a pickle payload in the model shard ran on convert or eval"
+    for load in (lambda: convert(run / "checkpoints" / f"step_{STEPS:08d}", tmp_path / "hf2"),
+                 lambda: load_model(run, torch.device("cpu"))):
+        with pytest.raises(Exception) as e:
+            load()
+        assert not marker.exists(), "a pickle payload in the model shard ran on convert or eval"
+        assert isinstance(e.value, checkpoint.CheckpointError) and "not a model shard of ours" in str(e.value)
 
 
 @pytest.mark.parametrize("stem", RESUME_FILES)
