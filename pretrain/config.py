@@ -205,7 +205,7 @@ class Config:
         if world_size is not None:
             errors += Layout.errors(self, world_size)
         if errors:
-            raise ConfigError(errors)
+            raise ConfigError(list(dict.fromkeys(errors)))  # the layout's positivity rule is in both
 
 
 def nonfinite_errors(node: Any, where: str = "") -> list[str]:
@@ -225,7 +225,11 @@ def nonfinite_errors(node: Any, where: str = "") -> list[str]:
 
 
 def model_errors(m: ModelConfig) -> list[str]:
-    errors = []
+    errors = [f"model.{name}={getattr(m, name)} must be positive" for name in
+              ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length")
+              if getattr(m, name) <= 0]
+    if errors:
+        return errors  # the divisibility rules below need positive sizes
     if m.hidden_size % m.num_attention_heads:
         errors.append(
             f"hidden_size={m.hidden_size} is not divisible by num_attention_heads="
@@ -247,13 +251,15 @@ def model_errors(m: ModelConfig) -> list[str]:
                       "divides by sqrt(variance + eps)")
     if m.rotary_base <= 0:
         errors.append(f"model.rotary_base={m.rotary_base} must be positive (e.g. 10000)")
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
-        if getattr(m, name) <= 0:
-            errors.append(f"model.{name}={getattr(m, name)} must be positive")
     return errors
 
 
 def parallel_errors(m: ModelConfig, p: ParallelConfig) -> list[str]:
+    if p.tensor_parallel <= 0 or p.pipeline_parallel <= 0:
+        return [f"parallel.tensor_parallel={p.tensor_parallel} and pipeline_parallel={p.pipeline_parallel} must be "
+                "positive"]
+    if min(m.num_attention_heads, m.num_layers) <= 0:
+        return []  # model_errors reports them
     errors = []
     if m.num_attention_heads % p.tensor_parallel:
         errors.append(
@@ -316,6 +322,11 @@ def train_errors(cfg: Config) -> list[str]:
             f"validation: interval={v.interval} must be >= 0, tokens={v.tokens} > 0 and "
             f"length_multipliers={v.length_multipliers} a non-empty list of positive integers"
         )
+    elif v.interval and v.tokens <= max(v.length_multipliers) * cfg.model.seq_length:
+        longest = max(v.length_multipliers) * cfg.model.seq_length
+        errors.append(f"validation.tokens={v.tokens} holds no window of {longest} tokens (length_multipliers "
+                      f"{v.length_multipliers} x seq_length {cfg.model.seq_length}), which would never be "
+                      f"validated: set validation.tokens > {longest} or drop that multiplier")
     for i, src in enumerate(cfg.data.sources):
         if src.weight <= 0:
             errors.append(f"data.sources[{i}].weight={src.weight} must be positive")

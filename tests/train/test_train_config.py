@@ -200,3 +200,13 @@ def test_train_config_file_and_override_errors_are_one_line(tmp_path, capsys):
         assert main(["--config", config, "--dry-run", *rest]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"train.py: invalid config: {needle}"), err
+
+
+def test_train_zero_sizes_and_unvalidatable_lengths_are_errors_not_crashes(capsys):
+    tiny = str(REPO / "configs" / "tiny_alibi.yaml")
+    for args, needle in ((["--tp", "0"], "parallel.tensor_parallel=0 and pipeline_parallel=1 must be positive"),
+                         (["model.num_attention_heads=0"], "model.num_attention_heads=0 must be positive"),
+                         (["validation.tokens=256"], "validation.tokens=256 holds no window of 512 tokens")):
+        assert main(["--config", tiny, "--dry-run", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
