@@ -310,19 +310,23 @@ def read_meta(ckpt: Path) -> dict:
         version = meta.get("format_version")
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{ckpt}: unreadable meta.json ({_first_line(e)})") from None
-    missing = [k for k in ("step", "config", "tokenizer", "layout", "files") if k not in meta]
-    if version == FORMAT_VERSION and missing:
-        raise CheckpointError(f"{ckpt}: meta.json lacks {missing}")
     if version != FORMAT_VERSION:
         why = ("it needs pickle to load, which this code refuses: finish the run with the code that wrote it "
                "(git c588d30 or earlier) or start a new --run-dir" if version == 1 else
                "update this code to the version that wrote it")
         raise FormatError(f"{ckpt}: checkpoint format {version}, this code reads format {FORMAT_VERSION}: {why}")
+    missing = [k for k in ("step", "config", "tokenizer", "layout", "files") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{ckpt}: meta.json lacks {missing}")
     for rel, rec in meta["files"].items():
         path = ckpt / rel
-        if not path.is_file() or path.stat().st_size != rec["size"]:
-            have = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
-            raise CheckpointError(f"{ckpt}: {rel} is truncated or missing ({have}, expected {rec['size']} bytes)")
+        size = path.stat().st_size if path.is_file() else None
+        expected = rec.get("size") if isinstance(rec, dict) and HASH in rec else None
+        if expected is None:
+            raise CheckpointError(f"{ckpt}: meta.json's record of {rel} is malformed ({rec!r})")
+        if size != expected:
+            have = "missing" if size is None else f"{size} bytes"
+            raise CheckpointError(f"{ckpt}: {rel} is truncated or missing ({have}, expected {expected} bytes)")
     return meta
 
 
