@@ -61,7 +61,7 @@ def preflight(cfg: Config, env: DistEnv, run_dir: Path, allow: tuple[str, ...] =
     except ConfigError as e:
         errors += e.errors
     busy = rundir.holder(run_dir)
-    if busy is not None:
+    if busy is not None and not rundir.is_predecessor(busy):  # that one rank 0 waits for
         errors.append(rundir.busy_message(run_dir, busy))
     layout = Layout.of(cfg, env.world_size)
     if not errors:

@@ -10,8 +10,10 @@ The lock is an advisory `fcntl.flock` on run.lock, taken by global rank 0 and he
 process ends; the kernel drops it when the process dies (kill -9, node reboot, SLURM requeue),
 so a stale run.lock never blocks a resume. The file stays (deleting a lock file races with a
 process about to lock it); its text only says who held it last. On a network file system the
-lock is the server's (NFSv4: released when the client's lease ends after a crash, 90 s by
-default; Lustre needs the `flock` mount option, else the lock is refused and we warn).
+lock is the server's: after a node crash NFSv4 keeps it until the dead client's lease ends (90 s
+by default), so a requeued start of the same SLURM job waits for its predecessor's lock (up to
+`PREDECESSOR_WAIT_S`) instead of being refused. Lustre needs the `flock` mount option, else the
+lock is refused and we warn.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -26,6 +29,8 @@ from pathlib import Path
 import yaml
 
 LOCK = "run.lock"
+PREDECESSOR_WAIT_S = 300.0
+"""How long a requeued SLURM job waits for the lock of its own earlier start (3 NFSv4 leases)."""
 
 
 class RunDirBusy(RuntimeError):
@@ -35,6 +40,18 @@ class RunDirBusy(RuntimeError):
 def busy_message(run_dir: Path, holder: str) -> str:
     return (f"run directory {run_dir} is in use by another trainer ({holder or 'holder unknown'}): wait for it to "
             "finish or stop it, or give this run its own --run-dir")
+
+
+def _job() -> str:
+    """This process's SLURM job and restart, as written into run.lock ("" outside SLURM)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f" job {job} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else ""
+
+
+def is_predecessor(holder_text: str) -> bool:
+    """The holder is an earlier start of this same SLURM job (a requeue after a node failure)."""
+    m, mine = re.search(r"job (\d+) restart (\d+)", holder_text), re.search(r"job (\d+) restart (\d+)", _job())
+    return bool(m and mine and m[1] == mine[1] and int(m[2]) < int(mine[2]))
 
 
 def holder(run_dir: str | Path) -> str | None:
@@ -64,26 +81,35 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.fd: int | None = None
 
-    def acquire(self) -> None:
-        """Take the lock at once or raise RunDirBusy naming the holder (host, pid, since, job)."""
+    def acquire(self, wait_s: float = PREDECESSOR_WAIT_S) -> None:
+        """Take the lock at once or raise RunDirBusy naming the holder (host, pid, since, job);
+        only an earlier start of this SLURM job is waited for, up to `wait_s`."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.read(fd, 4096).decode(errors="replace").strip()
-            os.close(fd)
-            raise RunDirBusy(busy_message(self.run_dir, text)) from None
-        except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            os.close(fd)
-            print(f"WARNING: cannot lock {self.run_dir / LOCK} ({e.strerror}: this file system has no flock); "
-                  "a second trainer on this run directory will not be detected", flush=True)
-            return
-        job = os.environ.get("SLURM_JOB_ID")
+        deadline, waiting = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                if not is_predecessor(text) or time.monotonic() > deadline:
+                    os.close(fd)
+                    raise RunDirBusy(busy_message(self.run_dir, text)) from None
+                if not waiting:
+                    print(f"waiting up to {wait_s:.0f} s for the lock of this job's earlier start ({text}): a network "
+                          "file system keeps a crashed node's lock until its lease ends", flush=True)
+                    waiting = True
+                time.sleep(min(5.0, wait_s / 10))
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.close(fd)
+                print(f"WARNING: cannot lock {self.run_dir / LOCK} ({e.strerror}: this file system has no flock); "
+                      "a second trainer on this run directory will not be detected", flush=True)
+                return
         since = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        text = f"host {socket.gethostname()} pid {os.getpid()} since {since}" + (f" job {job}" if job else "")
+        text = f"host {socket.gethostname()} pid {os.getpid()} since {since}{_job()}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, (text + "\n").encode(), 0)
         self.fd = fd

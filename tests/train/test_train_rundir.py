@@ -48,3 +48,32 @@ def test_config_history_keeps_one_file_per_changed_start(tmp_path):
     assert yaml.safe_load((tmp_path / "config.step_00000000.yaml").read_text()) == cfg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.step_00000000.yaml", "config.step_00000007.yaml",
                                                           "config.yaml"]
+
+
+def test_a_requeued_slurm_job_waits_for_its_own_earlier_starts_lock_only(tmp_path, monkeypatch):
+    """After a node crash a network file system keeps the dead start's lock for a lease (~90 s):
+    the requeued start of the same job waits for it; any other holder is refused at once."""
+    import threading
+    import time
+
+    from pretrain.rundir import RunDirBusy, RunLock
+
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    earlier = hold_lock(tmp_path)  # restart 0 of job 77 (inherits the environment)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    threading.Timer(1.0, earlier.kill).start()  # its lease ends
+    t0 = time.monotonic()
+    lock = RunLock(tmp_path)
+    lock.acquire(wait_s=30)
+    assert 0.9 < time.monotonic() - t0 < 30 and "job 77 restart 1" in (tmp_path / "run.lock").read_text()
+    lock.release()
+    monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job: refused without waiting
+    other = hold_lock(tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(RunDirBusy, match=f"pid {other.pid} .* job 78 restart 1"):
+        RunLock(tmp_path).acquire(wait_s=30)
+    monkeypatch.setenv("SLURM_JOB_ID", "79")
+    with pytest.raises(RunDirBusy):
+        RunLock(tmp_path).acquire(wait_s=30)
+    assert time.monotonic() - t0 < 5
