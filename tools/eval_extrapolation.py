@@ -37,7 +37,7 @@ def parse_lengths(text: str) -> list[int]:
     items = [x.strip() for x in text.split(",")]
     if not any(items):
         raise UsageError(f"--lengths {text!r} names no length: give comma-separated positive integers, e.g. 512,1024")
-    bad = [x for x in items if not x.isdigit() or int(x) == 0]
+    bad = [x for x in items if not x.isdecimal() or int(x) == 0]
     if bad:
         raise UsageError(f"--lengths {text!r}: {', '.join(repr(x) for x in bad)} is not a positive integer; give "
                          "comma-separated positive integers, e.g. 512,1024,2048")
@@ -68,7 +68,7 @@ def model_names(paths: list[str], names: str | None) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", nargs="+", required=True, help="our run/checkpoint dirs or HF model dirs")
-    ap.add_argument("--names", default=None, help="comma-separated display names, one per --checkpoint; None: the directory names")
+    ap.add_argument("--names", default=None, help="comma-separated display names, one per --checkpoint; None: each directory's name and kind, e.g. \"alibi (ours)\", \"alibi (HF)\"; no two alike")
     ap.add_argument("--data", required=True, help="a data_prep/preprocess.py output directory")
     ap.add_argument("--split", default="valid", choices=["train", "valid", "all"], help="which documents to score (all: train then valid)")
     ap.add_argument("--lengths", required=True, help="comma-separated evaluation lengths, e.g. 512,1024,2048")
