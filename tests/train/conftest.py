@@ -39,13 +39,17 @@ STARTED: list[subprocess.Popen] = []
 
 @pytest.fixture(autouse=True)
 def _no_leftover_ranks():
-    """A failing test must not leave ranks running on the shared cores."""
+    """A failing test must not leave ranks running on the shared cores. The tests import
+    `launch` with `from conftest import ...`, which under --import-mode=importlib loads this file
+    a second time as module `conftest`, with its own STARTED: both lists are emptied."""
     yield
-    while STARTED:
-        p = STARTED.pop()
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    modules = {id(m): m for m in (sys.modules.get(__name__), sys.modules.get("conftest")) if hasattr(m, "STARTED")}
+    for started in [m.STARTED for m in modules.values()]:
+        while started:
+            p = started.pop()
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def launch(argv: list[str], world_size: int, env_extra: dict | None = None, **popen) -> list[subprocess.Popen]:

@@ -77,3 +77,5 @@ def test_a_requeued_slurm_job_waits_for_its_own_earlier_starts_lock_only(tmp_pat
     with pytest.raises(RunDirBusy):
         RunLock(tmp_path).acquire(wait_s=30)
     assert time.monotonic() - t0 < 5
+    other.kill()
+    other.wait()
