@@ -1,28 +1,42 @@
-"""Checkpoints: atomic save, keep-last-N, resume with fallback, and consolidation for tools.
-
-Layout (one directory per checkpoint, written under a temporary name and renamed when every
-rank has finished, so `latest` never names a partial checkpoint)::
+"""Checkpoints: atomic save, verification, keep-last-N, resume with fallback, and consolidation
+for tools. Format 2 (format 1 needed pickle to load and is refused with a message)::
 
     RUN_DIR/checkpoints/latest                    "step_00000100" (replaced atomically)
     RUN_DIR/checkpoints/step_00000100/
-        meta.json                                 step, consumed samples, config, tokenizer,
-                                                  layout, parameter table, file sizes
-        model/tp00_pp00.pt                        {global name: tensor}: this TP/PP shard with
-                                                  global layer numbers, full over ZeRO ranks
+        meta.json                                 format version, step, consumed samples, config,
+                                                  tokenizer, layout, every file's size and hash
+        model/tp00_pp00.safetensors               {global name: tensor}: this TP/PP shard with
+                                                  global layer numbers, full over ZeRO ranks; the
+                                                  parameter table in the safetensors metadata
         ds/...                                    DeepSpeed engine state (model, optimizer)
-        rng/rank00000.pt                          every RNG of that rank
+        rng/rank00000.safetensors                 every RNG of that rank
+    RUN_DIR/checkpoints/corrupt_step_00000090/    one that failed verification on resume, set aside
 
-`load_consolidated` merges the model files into the TP=1/PP=1 state dict with no process
-group, using the partition dim recorded per parameter in meta.json.
+Written under a temporary name and renamed when every rank has finished, so `latest` never
+names a partial checkpoint. `load_consolidated` merges the model files into the TP=1/PP=1 state
+dict with no process group, using the partition dim recorded per parameter.
+
+Safety (docs/design.md, "Checkpoints"): nothing here unpickles arbitrary objects. Model shards
+and RNG states are safetensors (tensors and strings, no code); DeepSpeed's own files are read
+through `_safe_torch_load` (torch.load(weights_only=True), three DeepSpeed data classes
+allowed), and only by `resume`: the tools read meta.json and the safetensors model shards only.
+
+Verification: meta.json records every file's size and xxh3_128 hash (read back at save time).
+Every rank checks sizes in preflight; `resume` checks the hashes collectively (each rank hashes
+a share of the files) and falls back to the previous checkpoint with one warning, setting the
+failed one aside so that keep-last-N never counts it; the tools check the model files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +44,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pretrain.config import Config, from_dict, to_dict
+from pretrain.config import RESUME_HARMLESS, Config, config_changes, from_dict, to_dict
 from pretrain.parallel import Layout, accelerator_device
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+HASH = "xxh3_128"
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "position",
                 "bidirectional")
+STEP_DIR = re.compile(r"step_\d{8}")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed by this run; the message says why and what to do."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+class FormatError(CheckpointError):
+    """A checkpoint of another format version: no fallback, since its neighbours share it."""
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -49,6 +69,123 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 
 def _step_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def digest(path: Path) -> str:
+    """xxh3_128 of a file (15 GB/s from the page cache here vs 1.8 GB/s for sha256, docs/design.md)."""
+    import xxhash
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, xxhash.xxh3_128).hexdigest()
+
+
+# ---------------------------------------------------------------- the files: model shards, RNG, DeepSpeed
+
+
+def _write_model_shard(path: Path, tensors: dict[str, torch.Tensor], table: dict[str, dict]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"table": json.dumps(table)})
+
+
+def _read_model_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            table = json.loads((f.metadata() or {})["table"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # SafetensorError, a missing table, bad JSON: a foreign or damaged file
+        raise CheckpointError(f"{path}: not a model shard of ours ({type(e).__name__}: {_first_line(e)})") from None
+    if set(tensors) != set(table):
+        raise CheckpointError(f"{path}: its tensors and its parameter table disagree")
+    return tensors, table
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+        from megatron.core import tensor_parallel
+
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _write_rng(path: Path, state: dict[str, Any]) -> None:
+    """numpy's state ('MT19937', 624 uint32 keys, pos, has_gauss, cached_gaussian) and python's
+    (version, 625 ints, gauss_next) as int64 tensors plus JSON scalars (floats round-trip exactly)."""
+    from safetensors.torch import save_file
+
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    version, internal, gauss_next = state["python"]
+    tensors = {"torch": state["torch"], "numpy": torch.from_numpy(keys.astype(np.int64)),
+               "python": torch.tensor(internal, dtype=torch.int64)}
+    if "cuda" in state:  # ByteTensors (megatron's tracker without cudagraph-safe RNG, our setting)
+        tensors["cuda"] = state["cuda"].cpu()
+        tensors.update({f"tracker.{k}": v.cpu() for k, v in state["tracker"].items()})
+    scalars = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, gauss_next]}
+    save_file(tensors, path, metadata={"scalars": json.dumps(scalars)})
+
+
+def _read_rng(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            scalars = json.loads((f.metadata() or {})["scalars"])
+            t = {name: f.get_tensor(name) for name in f.keys()}
+        kind, pos, has_gauss, cached = scalars["numpy"]
+        version, gauss_next = scalars["python"]
+        state = {"torch": t["torch"], "numpy": (kind, t["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached),
+                 "python": (version, tuple(t["python"].tolist()), gauss_next)}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not an RNG state of ours ({type(e).__name__}: {_first_line(e)})") from None
+    if "cuda" in t:
+        state["cuda"] = t["cuda"]
+        state["tracker"] = {k.removeprefix("tracker."): v for k, v in t.items() if k.startswith("tracker.")}
+    return state
+
+
+def _deepspeed_globals() -> list:
+    """The non-tensor classes DeepSpeed 0.19 writes into its ZeRO optimizer files (listed by
+    torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3, fp32 and bf16): plain data,
+    rebuilt without running any of their code beyond attribute assignment."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def _safe_torch_load(path: str, map_location=None) -> Any:
+    """DeepSpeed's checkpoint reader, made safe: torch.load(weights_only=True) with only
+    `_deepspeed_globals` allowed; a file that needs anything else is refused, never run."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        try:
+            extra = f"it needs {torch.serialization.get_unsafe_globals_in_checkpoint(path)}, "
+        except Exception:
+            extra = ""
+        raise CheckpointError(f"{path}: refused to load ({extra}{type(e).__name__}: {_first_line(e)}); a file "
+                              "DeepSpeed wrote for this run needs none of that: it was replaced") from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 # ---------------------------------------------------------------- save
@@ -83,27 +220,6 @@ def _model_shard(trainer) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     return tensors, table
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-        from megatron.core import tensor_parallel
-
-        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-        from megatron.core import tensor_parallel
-
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -125,7 +241,7 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     from megatron.core import parallel_state as ps
 
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     root = checkpoints_dir(run_dir)
     final = root / _step_name(step)
     tmp = root / f".tmp_{_step_name(step)}"
@@ -139,9 +255,17 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
     tensors, table = _model_shard(trainer)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     if ps.get_data_parallel_rank() == 0:
-        torch.save({"tensors": tensors, "table": table}, tmp / "model" / f"tp{tp_rank:02d}_pp{pp_rank:02d}.pt")
-    torch.save(_rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
+        _write_model_shard(tmp / "model" / f"tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors", tensors, table)
+    _write_rng(tmp / "rng" / f"rank{rank:05d}.safetensors", _rng_state())
     dist.barrier()
+
+    # Every rank reads back and hashes a share of the files (rank 0's listing), so the checkpoint
+    # is read once in all, spread over the job.
+    listing = [sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) if rank == 0 else None]
+    dist.broadcast_object_list(listing, src=0)
+    mine = {rel: {"size": (tmp / rel).stat().st_size, HASH: digest(tmp / rel)} for rel in listing[0][rank::world]}
+    shares = [None] * world
+    dist.all_gather_object(shares, mine)
 
     if rank == 0:
         cfg = trainer.cfg
@@ -153,8 +277,8 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
             "tokenizer": tokenizer,
             "layout": _layout_record(trainer.layout, cfg),
             **extra,
+            "files": dict(sorted(kv for share in shares for kv in share.items())),
         }
-        meta["files"] = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
         _fsync_dir(tmp)
         if final.exists():
@@ -168,6 +292,9 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
 
 
 def _prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints. Only verified ones are counted: the newest was
+    just written and read back, the others were either written by this run or verified when it
+    resumed; one that failed verification was moved to corrupt_* and is never counted or deleted."""
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -175,40 +302,107 @@ def _prune(root: Path, keep: int) -> None:
 # ---------------------------------------------------------------- find and verify
 
 
-def verify(ckpt: Path) -> dict:
-    """meta.json of a complete checkpoint; raises CheckpointError if anything is missing or
-    truncated (every file's size is recorded at save time)."""
+def read_meta(ckpt: Path) -> dict:
+    """meta.json of a checkpoint whose files are all present at their recorded sizes (cheap:
+    no file is read); raises CheckpointError saying what is missing, truncated or unreadable."""
     try:
         meta = json.loads((ckpt / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{ckpt}: unreadable meta.json ({e})") from e
-    for rel, size in meta.get("files", {}).items():
+        version = meta.get("format_version")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{ckpt}: unreadable meta.json ({_first_line(e)})") from None
+    if version != FORMAT_VERSION:
+        why = ("it needs pickle to load, which this code refuses: finish the run with the code that wrote it "
+               "(git c588d30 or earlier) or start a new --run-dir" if version == 1 else
+               "update this code to the version that wrote it")
+        raise FormatError(f"{ckpt}: checkpoint format {version}, this code reads format {FORMAT_VERSION}: {why}")
+    missing = [k for k in ("step", "config", "tokenizer", "layout", "files") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{ckpt}: meta.json lacks {missing}")
+    for rel, rec in meta["files"].items():
         path = ckpt / rel
-        if not path.is_file() or path.stat().st_size != size:
-            have = path.stat().st_size if path.is_file() else "missing"
-            raise CheckpointError(f"{ckpt}: {rel} is truncated or missing ({have} bytes, expected {size})")
+        size = path.stat().st_size if path.is_file() else None
+        expected = rec.get("size") if isinstance(rec, dict) and HASH in rec else None
+        if expected is None:
+            raise CheckpointError(f"{ckpt}: meta.json's record of {rel} is malformed ({rec!r})")
+        if size != expected:
+            have = "missing" if size is None else f"{size} bytes"
+            raise CheckpointError(f"{ckpt}: {rel} is truncated or missing ({have}, expected {expected} bytes)")
     return meta
 
 
-def find_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint: `latest` first, then older ones, newest first, with a
-    warning for each one skipped. None if the run directory holds none."""
+def verify_files(ckpt: Path, meta: dict, rels: list[str]) -> list[str]:
+    """Problems with files `rels` of a checkpoint (sizes and hashes against meta.json), [] if none."""
+    problems = []
+    for rel in rels:
+        rec, path = meta["files"][rel], ckpt / rel
+        if not path.is_file() or path.stat().st_size != rec["size"]:
+            problems.append(f"{rel} is truncated or missing")
+        elif digest(path) != rec[HASH]:
+            problems.append(f"{rel} does not match its {HASH} in meta.json (corrupted)")
+    return problems
+
+
+@dataclass
+class Found:
+    """The checkpoints of a run directory: the usable ones newest first (`latest` first), each as
+    (directory, meta.json) with every file present at its size, and the ones skipped, with why."""
+
+    usable: list[tuple[Path, dict]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def scan(run_dir: str | Path) -> Found:
+    """Every checkpoint of `run_dir`, checked cheaply (meta.json, format, file sizes), on any rank
+    with no process group. Raises CheckpointError for a `latest` that names anything but a
+    checkpoint directory of this run, a checkpoint of another format, or when none is complete."""
     root = checkpoints_dir(run_dir)
+    found = Found()
     if not root.is_dir():
-        return None
+        return found
     candidates = sorted(root.glob("step_*"), reverse=True)
     latest = root / "latest"
     if latest.is_file():
-        named = root / latest.read_text().strip()
-        candidates = [named] + [c for c in candidates if c != named]
+        name = latest.read_text().strip()
+        if not STEP_DIR.fullmatch(name):
+            raise CheckpointError(f"{latest} names {name!r}, not a checkpoint directory of this run (step_NNNNNNNN): "
+                                  f"refusing to follow it; write the newest step_* name into it or delete it")
+        if (root / name).is_dir():  # else: renamed aside, or deleted by hand; the others are still there
+            candidates = [root / name] + [c for c in candidates if c.name != name]
     for ckpt in candidates:
+        if ckpt.resolve().parent != root.resolve():
+            raise CheckpointError(f"{ckpt} leads outside {root} (a symbolic link?): refusing to read it; "
+                                  "copy the checkpoint into the run directory instead")
         try:
-            return ckpt, verify(ckpt)
+            found.usable.append((ckpt, read_meta(ckpt)))
+        except FormatError:
+            raise
         except CheckpointError as e:
-            log.warning("skipping checkpoint: %s; falling back to the previous one", e)
-            print(f"WARNING: skipping checkpoint: {e}; falling back to the previous one", flush=True)
-    if candidates:
-        raise CheckpointError(f"{root} holds checkpoints but none is complete: delete {root} to start over")
+            found.skipped.append((ckpt, str(e)))
+    if candidates and not found.usable:
+        raise CheckpointError(f"{root} holds checkpoints but none is complete ({found.skipped[0][1]}): "
+                              f"move {root} aside to start over")
+    return found
+
+
+def _warn(message: str) -> None:
+    log.warning(message)
+    print(f"WARNING: {message}", flush=True)
+
+
+def find_checkpoint(run_dir: str | Path, prefix: str = "") -> tuple[Path, dict] | None:
+    """The newest checkpoint whose files under `prefix` (all by default; the tools pass "model/")
+    match their hashes, with one warning for each one skipped. None if there is none at all."""
+    found = scan(run_dir)
+    for ckpt, why in found.skipped:
+        _warn(f"skipping checkpoint {ckpt}: {why}; falling back to the previous one")
+    for ckpt, meta in found.usable:
+        problems = verify_files(ckpt, meta, [r for r in sorted(meta["files"]) if r.startswith(prefix)])
+        if not problems:
+            return ckpt, meta
+        _warn(f"skipping checkpoint {ckpt}: {'; '.join(problems)}; falling back to the previous one")
+    if found.usable:
+        raise CheckpointError(f"no checkpoint of {checkpoints_dir(run_dir)} passes verification: "
+                              "copy the run directory again from where it came")
     return None
 
 
@@ -217,72 +411,127 @@ def _layout_record(layout: Layout, cfg: Config) -> dict[str, int]:
             "zero_stage": cfg.parallel.zero_stage}
 
 
-def compatibility_errors(meta: dict, cfg: Config, tokenizer: dict, layout: Layout) -> list[str]:
-    """Why this run cannot resume `meta`'s checkpoint (empty list: it can)."""
-    errors = []
-    old = meta["config"]["model"]
-    for name in SHAPE_FIELDS:
-        if old.get(name) != getattr(cfg.model, name):
-            errors.append(f"model.{name}: checkpoint has {old.get(name)!r}, this run {getattr(cfg.model, name)!r}")
-    if meta["tokenizer"].get("sha256") != tokenizer.get("sha256"):
-        errors.append(f"tokenizer: checkpoint trained with {meta['tokenizer'].get('path')} "
-                      f"(sha256 {str(meta['tokenizer'].get('sha256'))[:12]}), this run's data uses "
-                      f"{tokenizer.get('path')} (sha256 {str(tokenizer.get('sha256'))[:12]})")
-    lay = meta["layout"]
-    for k, v in _layout_record(layout, cfg).items():
-        if lay[k] != v:
-            errors.append(f"layout {k}: checkpoint has {lay[k]}, this run {v} (optimizer state is sharded by "
-                          f"layout: resume with the same layout)")
-    return errors
+@dataclass
+class Changes:
+    """How this run differs from a checkpoint it resumes: `accepted` lines (harmless, or named by
+    --allow-config-change) and `refused` lines (each with what to do)."""
+
+    accepted: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
 
 
-def resume(trainer, found: tuple[Path, dict] | None) -> dict | None:
-    """Collective: load the checkpoint `found` (from `find_checkpoint`, checked by preflight on
-    every rank) into `trainer` (model, optimizer, RNG) and return its meta (step,
-    consumed_samples, counters), or None to start fresh. Every rank must have found the same one."""
-    step = torch.tensor([-1 if found is None else found[1]["step"]] * 2, dtype=torch.int64, device=accelerator_device())
-    step[1] = -step[1]
+def resume_changes(meta: dict, cfg: Config, tokenizer: dict, layout: Layout, allow: tuple[str, ...] = ()) -> Changes:
+    """Every difference between the checkpoint's run and this one. Model shape and layout cannot
+    change (the saved tensors and optimizer shards would not fit); harmless keys
+    (config.RESUME_HARMLESS) are accepted; anything else breaks exactness or the data position and
+    is refused unless `allow` names it (or a section above it)."""
+    out = Changes()
+    diffs = config_changes(meta["config"], to_dict(cfg))
+    old_tok, new_tok = meta["tokenizer"], tokenizer
+    if old_tok.get("sha256") != new_tok.get("sha256"):
+        diffs.append(("tokenizer", f"{old_tok.get('path')} (sha256 {str(old_tok.get('sha256'))[:12]})",
+                      f"{new_tok.get('path')} (sha256 {str(new_tok.get('sha256'))[:12]})"))
+    old_world, world = meta["layout"]["world_size"], layout.world_size
+    if old_world != world:
+        diffs.append(("layout.world_size", old_world, world))
+    fixed = {f"model.{n}" for n in SHAPE_FIELDS} | {"layout.world_size"}
+    for key, old, new in diffs:
+        line = f"{key}: checkpoint has {old!r}, this run {new!r}"
+        if key in fixed or key.startswith("parallel."):
+            out.refused.append(f"{line} (the saved tensors and optimizer shards are laid out for the checkpoint's "
+                               "model and layout: use a new --run-dir for a different model or layout)")
+        elif any(key == h or key.startswith(h) for h in RESUME_HARMLESS):
+            out.accepted.append(f"{line} (harmless)")
+        elif any(key == a or key.startswith(a + ".") for a in allow):
+            out.accepted.append(f"{line} (allowed by --allow-config-change)")
+        else:
+            out.refused.append(f"{line} (breaks exact continuation or the data position: pass "
+                               f"--allow-config-change {key} to accept it)")
+    return out
+
+
+def resume(trainer, found: Found | None) -> tuple[Path, dict] | None:
+    """Collective: verify and load the newest good checkpoint of `found` (from `scan`, run by
+    preflight on every rank) into `trainer` (model, optimizer, RNG); returns (directory, meta),
+    or None to start fresh. Each rank hashes a share of a checkpoint's files; if any file of it
+    is corrupted every rank falls back to the previous one. Rank 0 prints one warning per
+    checkpoint skipped and moves it to corrupt_* (out of keep-last-N's count)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    usable = found.usable if found else []
+    first = usable[0][1]["step"] if usable else -1
+    step = torch.tensor([first, -first], dtype=torch.int64, device=accelerator_device())
     dist.all_reduce(step, op=dist.ReduceOp.MAX)  # [max step, -min step] over ranks
     if step[0] != -step[1]:
         raise CheckpointError(f"ranks found different checkpoints (steps {-int(step[1])}..{int(step[0])}): "
                               "is another job writing this run directory? Give each run its own --run-dir")
-    if found is None:
+    skipped = list(found.skipped) if found else []
+    chosen = None
+    for ckpt, meta in usable:
+        problems = verify_files(ckpt, meta, sorted(meta["files"])[rank::world])
+        shares = [None] * world
+        dist.all_gather_object(shares, problems)
+        problems = [p for share in shares for p in share]
+        if not problems:
+            chosen = ckpt, meta
+            break
+        skipped.append((ckpt, "; ".join(problems)))
+    if usable and chosen is None:
+        raise CheckpointError(f"no checkpoint of {usable[0][0].parent} passes verification ({skipped[-1][1]}): "
+                              "restore the run directory from a copy, or move it aside to start over")
+    if rank == 0:
+        for ckpt, why in skipped:
+            aside = ckpt.with_name(f"corrupt_{ckpt.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            ckpt.rename(aside)
+            _warn(f"checkpoint {ckpt.name} is unusable ({why}); moved to {aside}, resuming from the previous one")
+    dist.barrier()
+    if chosen is None:
         return None
-    ckpt, meta = found
+    ckpt, meta = chosen
+    trainer.engine.checkpoint_engine.load = _safe_torch_load  # DeepSpeed's torch.load(weights_only=False)
     trainer.engine.load_checkpoint(str(ckpt), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=False)
-    _set_rng_state(torch.load(ckpt / "rng" / f"rank{dist.get_rank():05d}.pt", weights_only=False))
-    return meta
+    _set_rng_state(_read_rng(ckpt / "rng" / f"rank{rank:05d}.safetensors"))
+    return chosen
 
 
 # ---------------------------------------------------------------- consolidation (tools)
 
 
-def load_consolidated(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
-    """(Config of the run, full TP=1/PP=1 GPTModel state dict) from a RUN_DIR (its latest
-    complete checkpoint), a RUN_DIR/checkpoints dir, or one checkpoint dir. No process group
-    needed: tensor-parallel shards are concatenated along the partition dim recorded for each
-    parameter; pipeline stages already use global layer numbers. Keys are the parameter names
-    of `build_model(cfg.model)` on one process (no `_extra_state` entries)."""
+def load_consolidated(path: str | Path, with_meta: bool = False):
+    """(Config of the run, full TP=1/PP=1 GPTModel state dict[, meta.json]) from a RUN_DIR (its newest
+    checkpoint whose model files pass verification), a RUN_DIR/checkpoints dir, or one
+    checkpoint dir (verified, no fallback). No process group needed: tensor-parallel shards are
+    concatenated along the partition dim recorded for each parameter; pipeline stages already
+    use global layer numbers. Keys are the parameter names of `build_model(cfg.model)` on one
+    process (no `_extra_state` entries). Reads meta.json and safetensors only."""
     path = Path(path)
     if (path / "meta.json").is_file():
-        ckpt, meta = path, verify(path)
+        ckpt, meta = path, read_meta(path)
+        problems = verify_files(ckpt, meta, [r for r in sorted(meta["files"]) if r.startswith("model/")])
+        if problems:
+            raise CheckpointError(f"{ckpt}: {'; '.join(problems)}: use another checkpoint of the run")
     else:
         run_dir = path.parent if path.name == "checkpoints" else path
-        found = find_checkpoint(run_dir)
+        found = find_checkpoint(run_dir, prefix="model/")
         if found is None:
             raise FileNotFoundError(f"no checkpoint under {path}: expected a run directory, its checkpoints/ "
                                     "directory, or a checkpoint directory holding meta.json")
         ckpt, meta = found
     cfg = from_dict(Config, meta["config"])
+    lay = meta["layout"]
+    tp, pp = lay["tensor_parallel"], lay["pipeline_parallel"]
+    expected = {f"model/tp{t:02d}_pp{p:02d}.safetensors" for t in range(tp) for p in range(pp)}
+    if not expected <= set(meta["files"]):
+        raise CheckpointError(f"{ckpt}: model shards {sorted(expected - set(meta['files']))} are not in meta.json: "
+                              "a partial checkpoint; use another one")
     shards: dict[str, dict[int, torch.Tensor]] = {}
     table: dict[str, dict] = {}
-    for f in sorted((ckpt / "model").glob("tp*_pp*.pt")):
-        tp_rank = int(f.name[2:4])
-        data = torch.load(f, map_location="cpu", weights_only=False)
-        for name, tensor in data["tensors"].items():
+    for rel in sorted(expected):
+        tp_rank = int(rel[len("model/tp"):][:2])
+        tensors, part_table = _read_model_shard(ckpt / rel)
+        for name, tensor in tensors.items():
             shards.setdefault(name, {})[tp_rank] = tensor
-            table[name] = data["table"][name]
-    tp = meta["layout"]["tensor_parallel"]
+            table[name] = part_table[name]
     state = {}
     for name, parts in shards.items():
         dim = table[name]["partition_dim"]
@@ -295,4 +544,4 @@ def load_consolidated(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]
         if list(state[name].shape) != table[name]["shape"]:
             raise CheckpointError(f"{ckpt}: merged {name} has shape {list(state[name].shape)}, "
                                   f"expected {table[name]['shape']}")
-    return cfg, state
+    return (cfg, state, meta) if with_meta else (cfg, state)

@@ -9,6 +9,7 @@ here touches torch.distributed or a GPU, so a 128-GPU layout can be checked on a
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,14 @@ AttentionBackend = Literal["auto", "sdpa", "flex"]
 class ConfigError(ValueError):
     """A config that cannot run; the message lists every problem with its fix."""
 
+    header = "invalid config"
+
     def __init__(self, errors: list[str]):
         self.errors = errors
-        super().__init__("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))
+        if len(errors) == 1:
+            super().__init__(f"{self.header}: {errors[0]}")
+        else:
+            super().__init__(f"{self.header}:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
 @dataclass(kw_only=True)
@@ -200,15 +206,36 @@ class Config:
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError listing every problem, each with its fix; with `world_size`, also
         the layout's (`Layout.errors`: world and batch divisibility)."""
-        errors = model_errors(self.model) + parallel_errors(self.model, self.parallel) + train_errors(self)
+        errors = (nonfinite_errors(self) + model_errors(self.model) + parallel_errors(self.model, self.parallel)
+                  + train_errors(self))
         if world_size is not None:
             errors += Layout.errors(self, world_size)
         if errors:
-            raise ConfigError(errors)
+            raise ConfigError(list(dict.fromkeys(errors)))  # the layout's positivity rule is in both
+
+
+def nonfinite_errors(node: Any, where: str = "") -> list[str]:
+    """Every float field that is NaN or infinite (YAML reads .nan and .inf; `lr <= 0` is False
+    for NaN, so the range checks below would let it through)."""
+    errors = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            errors += nonfinite_errors(value, f"{where}{f.name}.")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, v in enumerate(value):
+                errors += nonfinite_errors(v, f"{where}{f.name}[{i}].")
+        elif isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"{where}{f.name}={value} must be a finite number")
+    return errors
 
 
 def model_errors(m: ModelConfig) -> list[str]:
-    errors = []
+    errors = [f"model.{name}={getattr(m, name)} must be positive" for name in
+              ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length")
+              if getattr(m, name) <= 0]
+    if errors:
+        return errors  # the divisibility rules below need positive sizes
     if m.hidden_size % m.num_attention_heads:
         errors.append(
             f"hidden_size={m.hidden_size} is not divisible by num_attention_heads="
@@ -231,13 +258,20 @@ def model_errors(m: ModelConfig) -> list[str]:
         errors.append("model.embedding_scale, embedding_init_std and init_method_std must be positive")
     if not 0.0 <= m.hidden_dropout < 1.0:
         errors.append(f"model.hidden_dropout={m.hidden_dropout} must be in [0, 1)")
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
-        if getattr(m, name) <= 0:
-            errors.append(f"model.{name}={getattr(m, name)} must be positive")
+    if m.layernorm_epsilon <= 0:
+        errors.append(f"model.layernorm_epsilon={m.layernorm_epsilon} must be positive (e.g. 1e-5): LayerNorm "
+                      "divides by sqrt(variance + eps)")
+    if m.rotary_base <= 0:
+        errors.append(f"model.rotary_base={m.rotary_base} must be positive (e.g. 10000)")
     return errors
 
 
 def parallel_errors(m: ModelConfig, p: ParallelConfig) -> list[str]:
+    if p.tensor_parallel <= 0 or p.pipeline_parallel <= 0:
+        return [f"parallel.tensor_parallel={p.tensor_parallel} and pipeline_parallel={p.pipeline_parallel} must be "
+                "positive"]
+    if min(m.num_attention_heads, m.num_layers) <= 0:
+        return []  # model_errors reports them
     errors = []
     if m.num_attention_heads % p.tensor_parallel:
         errors.append(
@@ -277,6 +311,18 @@ def train_errors(cfg: Config) -> list[str]:
         errors.append(f"optim.warmup_steps={o.warmup_steps} and decay_steps={o.decay_steps} must be >= 0")
     if o.grad_clip < 0:
         errors.append(f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, name) < 1.0:
+            errors.append(f"optim.{name}={getattr(o, name)} must be in [0, 1) (e.g. 0.9 and 0.95)")
+    if o.eps <= 0:
+        errors.append(f"optim.eps={o.eps} must be positive (e.g. 1e-8)")
+    if o.weight_decay < 0:
+        errors.append(f"optim.weight_decay={o.weight_decay} must be >= 0 (0 disables it)")
+    if not 0 <= t.seed < 2**32:
+        errors.append(f"train.seed={t.seed} must be in [0, 2**32) (numpy seeds the data order with it)")
+    h = cfg.hardware
+    if h.peak_tflops <= 0 or h.gpu_memory_gb <= 0:
+        errors.append(f"hardware.peak_tflops={h.peak_tflops} and gpu_memory_gb={h.gpu_memory_gb} must be positive")
     if cfg.checkpoint.save_interval <= 0 or cfg.checkpoint.keep_last <= 0:
         errors.append(
             f"checkpoint.save_interval={cfg.checkpoint.save_interval} and keep_last={cfg.checkpoint.keep_last} "
@@ -288,6 +334,11 @@ def train_errors(cfg: Config) -> list[str]:
             f"validation: interval={v.interval} must be >= 0, tokens={v.tokens} > 0 and "
             f"length_multipliers={v.length_multipliers} a non-empty list of positive integers"
         )
+    elif v.interval and v.tokens <= max(v.length_multipliers) * cfg.model.seq_length:
+        longest = max(v.length_multipliers) * cfg.model.seq_length
+        errors.append(f"validation.tokens={v.tokens} holds no window of {longest} tokens (length_multipliers "
+                      f"{v.length_multipliers} x seq_length {cfg.model.seq_length}), which would never be "
+                      f"validated: set validation.tokens > {longest} or drop that multiplier")
     for i, src in enumerate(cfg.data.sources):
         if src.weight <= 0:
             errors.append(f"data.sources[{i}].weight={src.weight} must be positive")
@@ -298,28 +349,37 @@ def train_errors(cfg: Config) -> list[str]:
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys."""
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types (every
+    such error in the tree at once)."""
     if not isinstance(data, dict):
         raise ConfigError([f"{where or 'config'} must be a mapping, got {type(data).__name__}"])
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    errors = []
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError([f"unknown key(s) {unknown} in {where or 'config'}; known: {sorted(fields)}"])
+        errors.append(f"unknown key(s) {unknown} in {where or 'config'}; known: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
+        if name not in fields:
+            continue
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            value = from_dict(hint, value, f"{where}{name}.")
-        elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
-            if not isinstance(value, list):
-                raise ConfigError([f"{where}{name} must be a list of mappings"])
-            value = [from_dict(typing.get_args(hint)[0], v, f"{where}{name}[{i}].") for i, v in enumerate(value)]
-        kwargs[name] = _check_type(value, hint, f"{where}{name}")
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+        try:
+            if dataclasses.is_dataclass(hint):
+                value = from_dict(hint, value, f"{where}{name}.")
+            elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+                if not isinstance(value, list):
+                    raise ConfigError([f"{where}{name} must be a list of mappings"])
+                value = [from_dict(typing.get_args(hint)[0], v, f"{where}{name}[{i}].") for i, v in enumerate(value)]
+            kwargs[name] = _check_type(value, hint, f"{where}{name}")
+        except ConfigError as e:
+            errors += e.errors
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ConfigError([f"missing required key(s) {[where + m for m in missing]}"])
+        errors.append(f"missing required key(s) {[where + m for m in missing]}")
+    if errors:
+        raise ConfigError(errors)
     return cls(**kwargs)
 
 
@@ -341,7 +401,18 @@ def _check_type(value: Any, hint: Any, name: str) -> Any:
     if origin in (list, tuple) and not isinstance(value, (list, tuple)):
         raise ConfigError([f"{name}={value!r} must be a list"])
     if origin in (list, tuple):
-        return type(value)(value) if origin is list else tuple(value)
+        item = (typing.get_args(hint) or (Any,))[0]
+        if item is not Any and not dataclasses.is_dataclass(item):  # each element, e.g. list[int]
+            checked, errors = [], []
+            for i, v in enumerate(value):
+                try:
+                    checked.append(_check_type(v, item, f"{name}[{i}]"))
+                except ConfigError as e:
+                    errors += e.errors
+            if errors:
+                raise ConfigError(errors)
+            value = checked
+        return list(value) if origin is list else tuple(value)
     return value
 
 
@@ -349,21 +420,69 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict."""
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError([f"override {item!r} is not of the form key.path=value"])
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError([f"override {item!r} is not of the form key.path=value (e.g. train.steps=100)"])
         node = data
-        *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise ConfigError([f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section"])
+        node[parts[-1]] = _parse_yaml(raw, f"override {item!r}")
     return data
 
 
+def _parse_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load with its error as one line naming `where`, the line and the column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = f" ({e.context})" if getattr(e, "context", None) else ""
+        raise ConfigError([f"{where}{at}: YAML syntax error: {problem}{context}"]) from None
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError([f"cannot read config file {path}: {e.strerror or e}"]) from None
+    data = _parse_yaml(text, str(path)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the config must be a mapping of sections (model:, train:, ...), "
+                           f"not a {type(data).__name__}"])
     return from_dict(Config, apply_overrides(data, list(overrides)))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------- resuming with another config
+
+RESUME_HARMLESS = ("train.log_interval", "train.max_bad_steps", "checkpoint.", "validation.", "wandb.", "hardware.")
+"""Keys (or sections, ending in '.') whose change on resume leaves the trained trajectory and the
+data position exactly as they were: accepted and printed. Any other change (model, data,
+tokenizer, batch, steps, seed, optimizer, precision, kernels, recomputation) is refused unless
+named by --allow-config-change (pretrain/checkpoint.py::resume_changes); new fields are refused
+by default until listed here."""
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": value} for a nested dict (lists, such as data.sources, are one value)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every dotted key whose value differs (a key one side
+    lacks counts as None: a field added since the checkpoint was written)."""
+    a, b = flatten(old), flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

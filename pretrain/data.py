@@ -7,8 +7,9 @@ on: preflight checks, the tokenizer record, the blend and validation all use it.
 Deterministic by construction: sample i of the (blended) dataset is fixed by the seed, the
 sources and L; step k reads global samples [k*G, (k+1)*G) (G = global batch), this
 data-parallel rank the contiguous slice dp_rank*G/dp ... (dp_rank+1)*G/dp, cut into
-micro-batches. The checkpoint stores only `consumed_samples` = step * G, so a resumed run reads
-exactly the samples an uninterrupted run would have.
+micro-batches. The checkpoint stores `consumed_samples` (step * G), so a resumed run reads
+exactly the samples an uninterrupted run would have; a run resumed with another G (allowed by
+--allow-config-change) continues at the next unread sample rather than at step * G.
 """
 
 from __future__ import annotations
@@ -125,12 +126,14 @@ class _Tok:
         self.unique_identifiers = {"class": "sentencepiece", "sha256": info["sha256"]}  # dataset descriptions
 
 
-def build_train_dataset(cfg: Config, data: TrainingData):
-    """The training dataset of steps x global_batch samples of L+1 tokens."""
+def build_train_dataset(cfg: Config, data: TrainingData, origin: tuple[int, int] = (0, 0)):
+    """The training dataset of samples of L+1 tokens: steps x global_batch of them, or enough to
+    finish from `origin` = (step, consumed samples) of a checkpoint when the batch changed."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    num_samples = cfg.train.steps * cfg.train.global_batch_size
+    g = cfg.train.global_batch_size
+    num_samples = max(cfg.train.steps * g, origin[1] + (cfg.train.steps - origin[0]) * g)
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
@@ -147,16 +150,23 @@ def build_train_dataset(cfg: Config, data: TrainingData):
 
 
 class BatchReader:
-    """Global-batch slicing by step: `micro_batches(step)` is this data-parallel rank's share."""
+    """Global-batch slicing by step: `micro_batches(step)` is this data-parallel rank's share.
+    `origin` = (step, consumed samples) of the checkpoint resumed (the same as step * G unless the
+    global batch changed)."""
 
-    def __init__(self, dataset, cfg: Config, dp_rank: int, dp_size: int):
+    def __init__(self, dataset, cfg: Config, dp_rank: int, dp_size: int, origin: tuple[int, int] = (0, 0)):
         self.dataset, self.cfg = dataset, cfg
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.origin = origin
+
+    def sample_at(self, step: int) -> int:
+        """The first global sample of step `step` (= samples consumed before it)."""
+        return self.origin[1] + (step - self.origin[0]) * self.cfg.train.global_batch_size
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         g, mb = self.cfg.train.global_batch_size, self.cfg.train.micro_batch_size
         per_rank = g // self.dp_size
-        start = step * g + self.dp_rank * per_rank
+        start = self.sample_at(step) + self.dp_rank * per_rank
         out = []
         for m in range(0, per_rank, mb):
             samples = [self.dataset[i] for i in range(start + m, start + m + mb)]

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 
+from pretrain import rundir
+from pretrain.checkpoint import Changes, Found
 from pretrain.config import Config, ConfigError, to_dict
 from pretrain.data import TrainingData
 from pretrain.parallel import DistEnv, Layout, accelerator_device
@@ -26,22 +27,31 @@ class TrainingError(RuntimeError):
     """The run cannot continue (e.g. K non-finite losses in a row); a checkpoint was written."""
 
 
+class PreflightError(ConfigError):
+    """Config, data, run-directory and checkpoint problems found before any process group."""
+
+    header = "cannot start"
+
+
 @dataclass(frozen=True)
 class Plan:
     """What preflight established, passed on so nothing is read or checked twice."""
 
     layout: Layout
     data: TrainingData
-    checkpoint: tuple[Path, dict] | None
-    """The newest complete checkpoint of the run directory and its meta, or None (a fresh run)."""
+    checkpoints: Found
+    """The run directory's checkpoints (sizes checked; `checkpoint.resume` checks the hashes)."""
+    changes: Changes
+    """How this run's config differs from the newest checkpoint's (empty for a fresh run)."""
 
 
-def preflight(cfg: Config, env: DistEnv, run_dir: Path) -> Plan:
-    """Every config, data and checkpoint error at once, before any process group exists."""
+def preflight(cfg: Config, env: DistEnv, run_dir: Path, allow: tuple[str, ...] = ()) -> Plan:
+    """Every config, data, run-directory and checkpoint error at once, before any process group
+    exists. `allow`: config keys whose change on resume is accepted (--allow-config-change)."""
     from pretrain import checkpoint
     from pretrain.data import load_data
 
-    errors, data, found = [], None, None
+    errors, data, found, changes = [], None, checkpoint.Found(), checkpoint.Changes()
     try:
         cfg.validate(env.world_size)
     except ConfigError as e:
@@ -50,19 +60,22 @@ def preflight(cfg: Config, env: DistEnv, run_dir: Path) -> Plan:
         data = load_data(cfg)
     except ConfigError as e:
         errors += e.errors
+    busy = rundir.holder(run_dir)
+    if busy is not None and not rundir.is_predecessor(busy):  # that one rank 0 waits for
+        errors.append(rundir.busy_message(run_dir, busy))
     layout = Layout.of(cfg, env.world_size)
     if not errors:
         try:
-            found = checkpoint.find_checkpoint(run_dir)
+            found = checkpoint.scan(run_dir)
         except checkpoint.CheckpointError as e:
             errors.append(str(e))
-        if found is not None:
-            problems = checkpoint.compatibility_errors(found[1], cfg, data.tokenizer, layout)
-            errors += [f"cannot resume {found[0]}: {p}; use a new --run-dir for a different model, "
-                       "tokenizer or layout" for p in problems]
+        if found.usable:
+            ckpt, meta = found.usable[0]
+            changes = checkpoint.resume_changes(meta, cfg, data.tokenizer, layout, allow)
+            errors += [f"cannot resume {ckpt}: {p}" for p in changes.refused]
     if errors:
-        raise ConfigError(errors)
-    return Plan(layout, data, found)
+        raise PreflightError(errors)
+    return Plan(layout, data, found, changes)
 
 
 def validate_ppl(trainer, cfg: Config, tokens: torch.Tensor) -> dict[int, float]:
@@ -104,39 +117,84 @@ def validate_ppl(trainer, cfg: Config, tokens: torch.Tensor) -> dict[int, float]
     return out
 
 
-def train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest | None = None) -> int:
+def train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest | None = None,
+          allow: tuple[str, ...] = ()) -> int:
+    """Preflight, start the process group, lock the run directory, train (resuming from its
+    newest verified checkpoint) to train.steps or a stop signal. Returns the exit code."""
+    from pretrain.parallel import init_model_parallel
+
+    plan = preflight(cfg, env, run_dir, allow)
+    layout = plan.layout
+    stop = stop or StopRequest()
+    init_model_parallel(layout.tp, layout.pp, seed=cfg.train.seed, env=env)
+    lock = _lock_run_dir(run_dir, env.rank)
+    try:
+        return _train(cfg, run_dir, env, stop, plan, allow)
+    finally:
+        lock.release()
+
+
+def _lock_run_dir(run_dir: Path, rank: int) -> rundir.RunLock:
+    """Rank 0 takes the run directory's lock; every rank learns the outcome (a refused start
+    ends on every rank with the holder's name, before anything is written)."""
+    lock, refused = rundir.RunLock(run_dir), [None]
+    if rank == 0:
+        try:
+            lock.acquire()
+        except rundir.RunDirBusy as e:
+            refused[0] = str(e)
+    dist.broadcast_object_list(refused, src=0)
+    if refused[0]:
+        raise rundir.RunDirBusy(refused[0])
+    return lock
+
+
+def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Plan, allow: tuple[str, ...]) -> int:
     from megatron.core import parallel_state as ps
 
     from pretrain import checkpoint, data
     from pretrain.engine import Trainer
     from pretrain.metrics import MetricsLogger, peak_memory_gb, throughput
-    from pretrain.parallel import init_model_parallel
     from pretrain.schedule import lr_at
 
-    plan = preflight(cfg, env, run_dir)
     layout, tokenizer = plan.layout, plan.data.tokenizer
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stop = stop or StopRequest()
-    init_model_parallel(layout.tp, layout.pp, seed=cfg.train.seed, env=env)
-    if env.rank == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
     trainer = Trainer(cfg, layout)
-    meta = checkpoint.resume(trainer, plan.checkpoint) or {}
+    resumed = checkpoint.resume(trainer, plan.checkpoints)
+    changes, meta = plan.changes, {}
+    if resumed is not None:
+        ckpt, meta = resumed
+        if ckpt != plan.checkpoints.usable[0][0]:  # fell back: the diff is against another checkpoint
+            changes = checkpoint.resume_changes(meta, cfg, tokenizer, layout, allow)
+            if changes.refused:
+                raise checkpoint.CheckpointError("; ".join(f"cannot resume {ckpt}: {p}" for p in changes.refused))
     step, bad_in_row, skipped = meta.get("step", 0), meta.get("bad_in_row", 0), meta.get("skipped_total", 0)
-    reader = data.BatchReader(data.build_train_dataset(cfg, plan.data), cfg, ps.get_data_parallel_rank(),
-                              ps.get_data_parallel_world_size())
+    start_step, origin = step, (step, meta.get("consumed_samples", 0))
+    reader = data.BatchReader(data.build_train_dataset(cfg, plan.data, origin), cfg, ps.get_data_parallel_rank(),
+                              ps.get_data_parallel_world_size(), origin)
     val_tokens = None
     if cfg.validation.interval:  # the first tokens of the first source's valid split
         first = plan.data.sources[0]
         val_tokens = data.split_tokens(first.path, "valid", cfg.validation.tokens, first.manifest)
+    if env.rank == 0:
+        history = rundir.write_config(run_dir, to_dict(cfg), step)
+        if resumed is not None:
+            print(f"resumed from {resumed[0]} at step {step}", flush=True)
+            for line in changes.accepted:
+                print(f"  config change: {line}", flush=True)
+        if history is not None and step > 0:
+            print(f"  config history: {history}", flush=True)
     logger = MetricsLogger(cfg, run_dir, env.rank, step)
+    last_ckpt = resumed[0] if resumed is not None else None
 
     def save(at: int) -> None:
-        checkpoint.save_checkpoint(trainer, run_dir, at, {"bad_in_row": bad_in_row, "skipped_total": skipped},
-                                   tokenizer)
+        nonlocal last_ckpt
+        last_ckpt = checkpoint.save_checkpoint(
+            trainer, run_dir, at, {"bad_in_row": bad_in_row, "skipped_total": skipped,
+                                   "consumed_samples": reader.sample_at(at)}, tokenizer)
+        logger.console(f"step {at}: checkpoint {last_ckpt}")
 
-    t_log, steps_since_log = time.time(), 0
+    t_start = t_log = time.time()
+    steps_since_log = 0
     while step < cfg.train.steps:
         lr = lr_at(step, cfg.optim, cfg.train.steps)
         result = trainer.train_step(reader.micro_batches(step), lr)
@@ -150,7 +208,7 @@ def train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest | None = N
             logger.log({"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                         **throughput(cfg, layout, step_time), "peak_mem_gb": peak_memory_gb(),
                         "step_time_s": step_time, "skipped_steps": skipped,
-                        "consumed_samples": step * cfg.train.global_batch_size})
+                        "consumed_samples": reader.sample_at(step)})
             t_log, steps_since_log = time.time(), 0
         logger.progress(step, result.loss, lr)
 
@@ -160,7 +218,7 @@ def train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest | None = N
 
         if bad_in_row >= cfg.train.max_bad_steps:
             save(step)
-            logger.close()
+            logger.close(_summary(cfg, start_step, step, t_start, last_ckpt, logger))
             raise TrainingError(
                 f"{bad_in_row} non-finite losses in a row (train.max_bad_steps={cfg.train.max_bad_steps}) at "
                 f"step {step}; checkpoint written to {checkpoint.checkpoints_dir(run_dir)}. Lower optim.lr, "
@@ -172,5 +230,18 @@ def train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest | None = N
             print(f"rank {env.rank}: signal {signal.Signals(signum).name}: checkpoint at step {step} written, "
                   "exiting 0 for requeue", flush=True)
             break
-    logger.close()
+    logger.close(_summary(cfg, start_step, step, t_start, last_ckpt, logger))
     return 0
+
+
+def _summary(cfg: Config, start: int, step: int, t_start: float, last_ckpt: Path | None, logger) -> str:
+    """The closing lines: steps, tokens and time of this start, the last checkpoint, the best
+    validation perplexity at each length over the run."""
+    tokens = (step - start) * cfg.train.global_batch_size * cfg.model.seq_length
+    lines = [f"summary: steps {start} -> {step} of {cfg.train.steps} ({step - start} this start, {tokens:,} tokens, "
+             f"{time.time() - t_start:.1f} s)", f"  last checkpoint: {last_ckpt or 'none'}"]
+    best = logger.best_validation()
+    if best:
+        lines.append("  best validation perplexity: " + ", ".join(
+            f"{ppl:.3f} at {length} (step {at})" for length, (ppl, at) in sorted(best.items())))
+    return "\n".join(lines)

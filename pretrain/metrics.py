@@ -13,7 +13,9 @@ full (non-causal) matrices. Recomputation (activation checkpointing) is not coun
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,7 @@ def peak_memory_gb() -> float:
 
 
 class MetricsLogger:
-    """Writes metrics.jsonl, wandb and a tqdm bar on rank 0; a no-op elsewhere."""
+    """Writes metrics.jsonl, wandb, a tqdm bar and console lines on rank 0; a no-op elsewhere."""
 
     def __init__(self, cfg: Config, run_dir: Path, rank: int, start_step: int):
         self.enabled = rank == 0
@@ -66,6 +68,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.val_history = _validations(self.path, start_step)
         self.file = open(self.path, "a")
         w = cfg.wandb
         mode = os.environ.get("WANDB_MODE", w.mode)
@@ -110,6 +113,7 @@ class MetricsLogger:
         self.file.write(json.dumps({"time": time.time(), **record}) + "\n")
         self.file.flush()
         self.val_history.append((step, dict(ppl)))
+        self.console(f"step {step}: validation perplexity " + ", ".join(f"{p:.3f} at {n}" for n, p in sorted(ppl.items())))
         if self.run is not None:
             import wandb
 
@@ -129,14 +133,52 @@ class MetricsLogger:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             self.bar.refresh()
 
-    def close(self) -> None:
+    def console(self, line: str) -> None:
+        """A line on stdout (above the progress bar), rank 0 only."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+        sys.stdout.flush()
+
+    def best_validation(self) -> dict[int, tuple[float, int]]:
+        """{length: (lowest validation perplexity, its step)} over the run so far."""
+        best: dict[int, tuple[float, int]] = {}
+        for step, ppl in self.val_history:
+            for n, p in ppl.items():
+                if math.isfinite(p) and (n not in best or p < best[n][0]):
+                    best[n] = (p, step)
+        return best
+
+    def close(self, summary: str = "") -> None:
         if not self.enabled:
             return
         self.file.close()
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        if summary:
+            self.console(summary)
         if self.run is not None:
             self.run.finish()
+
+
+def _validations(path: Path, upto: int) -> list[tuple[int, dict[int, float]]]:
+    """The validation records of an earlier start of this run, up to the step it resumes from
+    (later ones belong to steps that will be trained again)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if r.get("kind") == "validation" and r["step"] <= upto:
+            out.append((r["step"], {int(k.rsplit("_", 1)[1]): v for k, v in r.items() if k.startswith("val/ppl_at_")}))
+    return out
 
 
 def _wandb_id(run_dir: Path) -> str:

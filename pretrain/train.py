@@ -2,12 +2,14 @@
 
     python pretrain/train.py --config FILE [--run-dir DIR] [--data DIR] [--steps N] [--tp N] [--pp N]
         [--zero-stage N] [--seq-length L] [--micro-batch N] [--save-interval N] [--log-interval N]
-        [--dry-run [--world-size N]] [key.path=value ...]
+        [--dry-run [--world-size N]] [key.path=value ...] [--allow-config-change KEY ...]
 
 Launched by torchrun or srun (one task per GPU; rank and rendezvous from the environment) or
-as one plain process. A run directory holding a checkpoint resumes from it. SIGUSR1/SIGTERM:
-checkpoint at the next step boundary, exit 0. --dry-run validates the layout for any world
-size and prints the per-GPU memory estimate, touching no GPU and no process group.
+as one plain process. A run directory holding a checkpoint resumes from its newest verified
+one; a config change that breaks exact continuation is refused unless --allow-config-change
+names it. One trainer per run directory (a lock). SIGUSR1/SIGTERM: checkpoint at the next step
+boundary, exit 0. --dry-run validates the layout for any world size and prints the per-GPU
+memory estimate, touching no GPU and no process group.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from pretrain.config import Config, ConfigError, DataSource, load_config
+from pretrain.config import Config, ConfigError, DataSource, flatten, load_config, to_dict
 from pretrain.stop import StopRequest
 
 FLAGS = {  # flag -> config path
@@ -37,6 +39,18 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def allowed_changes(keys: list[str], cfg: Config) -> tuple[str, ...]:
+    """--allow-config-change KEY...: each a config key or section, or `tokenizer`."""
+    known = set(flatten(to_dict(cfg))) | {"tokenizer"}
+    bad = [k for k in keys if not any(n == k or n.startswith(k + ".") for n in known)]
+    if bad:
+        hint = " (an override after the flag? put key=value overrides before --allow-config-change)" \
+            if any("=" in k for k in bad) else ""
+        raise ConfigError([f"--allow-config-change {' '.join(bad)}: not a config key or section{hint}; e.g. "
+                           "model.seq_length, train.global_batch_size, data.sources, optim, tokenizer"])
+    return tuple(keys)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
@@ -47,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="validate the layout, print memory per GPU, exit")
     ap.add_argument("--world-size", type=int, default=None, help="--dry-run: GPUs to plan for; None: the launcher's (WORLD_SIZE or SLURM_NTASKS, else 1)")
     ap.add_argument("overrides", nargs="*", help="key.path=value (YAML value)")
+    ap.add_argument("--allow-config-change", nargs="+", default=[], metavar="KEY",
+                    help="on resume, accept these config changes that break exact continuation or the data "
+                         "position (e.g. model.seq_length train.global_batch_size tokenizer)")
     args = ap.parse_args(argv)
     stop = None if args.dry_run else StopRequest()  # before the slow imports: no signal is lost
 
@@ -54,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = build_config(args)
+        allow = allowed_changes(args.allow_config_change, cfg)
         if args.dry_run:
             from pretrain.memory import estimate_memory
 
@@ -70,14 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         env = read_env()
         from pretrain.checkpoint import CheckpointError
         from pretrain.loop import TrainingError, train
+        from pretrain.rundir import RunDirBusy
 
         run_dir = Path(args.run_dir or Path("outputs") / Path(args.config).stem)
         try:
-            return train(cfg, run_dir, env, stop)
+            return train(cfg, run_dir, env, stop, allow)
         except TrainingError as e:
             print(f"train.py: {e}", file=sys.stderr)
             return 1
-        except CheckpointError as e:
+        except (CheckpointError, RunDirBusy) as e:
             print(f"train.py: {e}", file=sys.stderr)
             return 2
     except ConfigError as e:

@@ -7,6 +7,7 @@ Finished runs (metrics.jsonl or wandb offline directories):
     python tools/compare_runs.py runs RUN_A RUN_B [--eval-length 2048] [--target-ppl P] [--output OUT]
 
 bench writes OUT/benchmark.{md,json,png}; runs writes OUT/runs.{md,json} and OUT/loss_vs_time.png.
+The heavy imports (torch, matplotlib) wait until the arguments are parsed.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ import json
 import sys
 from pathlib import Path
 
-from pretrain.config import load_config
 from tools.jobs import ROOT
-from tools.plotting import plot_curves
-from tools.runs import compare, read_run
-from tools.bench.compare import BenchSpec, benchmark
 
 PAPER_PAIR = [str(ROOT / "configs" / f) for f in ("gpt_1p3b_alibi_L1024.yaml", "gpt_1p3b_sinusoidal_L2048.yaml")]
 
 
 def bench(args) -> None:
+    from pretrain.config import load_config
+    from tools.bench.compare import BenchSpec, benchmark
+
     lengths = [int(x) for x in args.seq_lengths.split(",")] if args.seq_lengths else [None] * len(args.config)
     if len(lengths) != len(args.config):
         sys.exit(f"--seq-lengths has {len(lengths)} entries for {len(args.config)} configs")
@@ -40,6 +40,9 @@ def bench(args) -> None:
 
 
 def runs(args) -> None:
+    from tools.plotting import plot_curves
+    from tools.runs import compare, read_run
+
     loaded = [read_run(p, gpus=args.gpus) for p in args.run]
     target, rows = compare(loaded, args.eval_length, args.target_ppl)
     args.output.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@
 ALiBi -> MptForCausalLM, sinusoidal -> GPT2LMHeadModel (exact, see tools/hf_export.py), saved
 as safetensors with config.json, generation_config.json and a tokenizer that gives the same ids
 as our SentencePiece model. Load with AutoModelForCausalLM / AutoTokenizer, no remote code.
+The checkpoint's model files are verified against meta.json, and the tokenizer against the
+sha256 the run recorded; either mismatch is refused.
 """
 
 from __future__ import annotations
@@ -14,31 +16,19 @@ import json
 import sys
 from pathlib import Path
 
-from transformers import GenerationConfig
 
-from tools.hf_export import megatron_to_hf
-from data_prep.hf_tokenizer import spm_to_hf_tokenizer
+def find_tokenizer(recorded: dict, cfg) -> Path | None:
+    """The SentencePiece model whose sha256 is the one the run recorded: the path in meta.json,
+    else the one its data manifests name."""
+    from data_prep.tokenizer import file_sha256
 
-
-def find_tokenizer(checkpoint: str | Path, cfg) -> Path | None:
-    """The SentencePiece model the checkpoint recorded (meta.json), else its data manifest's."""
-    from pretrain.checkpoint import find_checkpoint
-
-    path = Path(checkpoint)
-    meta = path / "meta.json"
-    if not meta.is_file():
-        found = find_checkpoint(path.parent if path.name == "checkpoints" else path)
-        meta = found[0] / "meta.json" if found else None
-    candidates = []
-    if meta is not None and meta.is_file():
-        candidates.append(json.loads(meta.read_text()).get("tokenizer"))
+    candidates = [recorded.get("path")]
     for src in cfg.data.sources:
         manifest = Path(src.path) / "manifest.json"
         if manifest.is_file():
-            candidates.append(json.loads(manifest.read_text()).get("tokenizer"))
+            candidates.append(json.loads(manifest.read_text()).get("tokenizer", {}).get("path"))
     for tok in candidates:
-        tok = tok.get("path") if isinstance(tok, dict) else tok
-        if tok and Path(tok).is_file():
+        if tok and Path(tok).is_file() and file_sha256(tok) == recorded.get("sha256"):
             return Path(tok)
     return None
 
@@ -46,14 +36,29 @@ def find_tokenizer(checkpoint: str | Path, cfg) -> Path | None:
 def convert(checkpoint: str | Path, output: str | Path, max_positions: int | None = None,
             tokenizer: str | Path | None = None) -> Path:
     """Write the HF model (+ tokenizer) for `checkpoint` into `output`; returns `output`."""
+    from data_prep.tokenizer import file_sha256
     from pretrain.checkpoint import load_consolidated
 
-    cfg, state_dict = load_consolidated(checkpoint)
-    model = megatron_to_hf(cfg, state_dict, max_positions)
-    tokenizer = Path(tokenizer) if tokenizer else find_tokenizer(checkpoint, cfg)
+    cfg, state_dict, meta = load_consolidated(checkpoint, with_meta=True)
+    recorded = meta["tokenizer"]
     if tokenizer is None:
-        raise FileNotFoundError(
-            f"no tokenizer found for {checkpoint} (its data manifest names none that exists): pass --tokenizer X.model")
+        tokenizer = find_tokenizer(recorded, cfg)
+        if tokenizer is None:
+            raise FileNotFoundError(
+                f"no tokenizer with the run's sha256 {recorded.get('sha256', '?')[:12]} found for {checkpoint} (it "
+                f"was trained with {recorded.get('path')}): pass --tokenizer X.model")
+    elif not Path(tokenizer).is_file():
+        raise FileNotFoundError(f"--tokenizer {tokenizer} does not exist")
+    elif file_sha256(tokenizer) != recorded.get("sha256"):
+        raise ValueError(f"--tokenizer {tokenizer} (sha256 {file_sha256(tokenizer)[:12]}) is not the tokenizer the "
+                         f"run was trained with ({recorded.get('path')}, sha256 {recorded.get('sha256', '?')[:12]}): "
+                         "pass that one; another tokenizer maps the ids to other text")
+    from transformers import GenerationConfig
+
+    from data_prep.hf_tokenizer import spm_to_hf_tokenizer
+    from tools.hf_export import megatron_to_hf
+
+    model = megatron_to_hf(cfg, state_dict, max_positions)
     tok = spm_to_hf_tokenizer(tokenizer)
     if len(tok) > cfg.model.vocab_size:
         raise ValueError(f"tokenizer {tokenizer} has {len(tok)} ids > model vocab_size {cfg.model.vocab_size}")
@@ -74,7 +79,8 @@ def main(argv=None) -> None:
     ap.add_argument("--output", required=True, help="the Hugging Face model directory to write")
     ap.add_argument("--max-positions", type=int, default=None,
                     help="longest input the HF model accepts (default 16 x the training length)")
-    ap.add_argument("--tokenizer", default=None, help="SentencePiece .model; None: the one the checkpoint's data manifest names")
+    ap.add_argument("--tokenizer", default=None, help="SentencePiece .model (its sha256 must be the run's); None: the one the checkpoint recorded, "
+                         "or its data manifest names")
     args = ap.parse_args(argv)
     out = convert(args.checkpoint, args.output, args.max_positions, args.tokenizer)
     print(f"wrote {out} (load with AutoModelForCausalLM.from_pretrained({str(out)!r}))")

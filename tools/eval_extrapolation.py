@@ -5,7 +5,9 @@
 
 Writes OUT/results.json (records {model, train_length, length, method, stride, tokens, ppl}),
 OUT/results.csv and OUT/extrapolation.png. Nonoverlapping is the paper's method; sliding with a
-small stride gives lower numbers at every length (App. B), so compare like with like.
+small stride gives lower numbers at every length (App. B), so compare like with like. Models
+are named by directory and kind ("alibi (ours)", "alibi (HF)") unless --names says otherwise;
+two models with one name are refused.
 """
 
 from __future__ import annotations
@@ -15,20 +17,58 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the heavy imports (torch, transformers, megatron) wait until the arguments are checked
+    import torch
 
-from pretrain.perplexity import Method, perplexity
-from tools.eval_models import EvalModel, auto_batch_size, load_model
-from tools.plotting import plot_extrapolation
+    from pretrain.perplexity import Method
+    from tools.eval_models import EvalModel
 
 FIELDS = ["model", "train_length", "length", "method", "stride", "tokens", "ppl"]
+
+
+class UsageError(ValueError):
+    """A bad command line; the message says what to change."""
+
+
+def parse_lengths(text: str) -> list[int]:
+    """--lengths: comma-separated positive integers, at least one; sorted, duplicates dropped."""
+    items = [x.strip() for x in text.split(",")]
+    if not any(items):
+        raise UsageError(f"--lengths {text!r} names no length: give comma-separated positive integers, e.g. 512,1024")
+    bad = [x for x in items if not x.isdecimal() or int(x) == 0]
+    if bad:
+        raise UsageError(f"--lengths {text!r}: {', '.join(repr(x) for x in bad)} is not a positive integer; give "
+                         "comma-separated positive integers, e.g. 512,1024,2048")
+    return sorted({int(x) for x in items})
+
+
+def model_names(paths: list[str], names: str | None) -> list[str]:
+    """--names, or each directory's name and kind ("alibi (ours)", "alibi (HF)"); no two alike."""
+    from tools.eval_models import is_hf_dir
+
+    if names is not None:
+        out = [n.strip() for n in names.split(",")]
+        if len(out) != len(paths):
+            raise UsageError(f"--names has {len(out)} entries for {len(paths)} checkpoints")
+    else:
+        out = [f"{Path(p).resolve().name} ({'HF' if is_hf_dir(p) else 'ours'})" for p in paths]
+    seen: dict[str, str] = {}
+    for name, path in zip(out, paths):
+        if not name:
+            raise UsageError(f"--names gives {path} an empty name")
+        if name in seen:
+            raise UsageError(f"{seen[name]} and {path} would both be named {name!r} in the results: pass --names "
+                             "with a distinct name for each --checkpoint")
+        seen[name] = path
+    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", nargs="+", required=True, help="our run/checkpoint dirs or HF model dirs")
-    ap.add_argument("--names", default=None, help="comma-separated display names, one per --checkpoint; None: the directory names")
+    ap.add_argument("--names", default=None, help="comma-separated display names, one per --checkpoint; None: each directory's name and kind, e.g. \"alibi (ours)\", \"alibi (HF)\"; no two alike")
     ap.add_argument("--data", required=True, help="a data_prep/preprocess.py output directory")
     ap.add_argument("--split", default="valid", choices=["train", "valid", "all"], help="which documents to score (all: train then valid)")
     ap.add_argument("--lengths", required=True, help="comma-separated evaluation lengths, e.g. 512,1024,2048")
@@ -44,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(models: list[EvalModel], tokens: torch.Tensor, lengths: list[int], *, method: Method,
              stride: int | None, device: torch.device, batch_size: int | None = None) -> list[dict]:
     """Perplexity of every model at every length: records for results.json."""
+    from pretrain.perplexity import perplexity
+    from tools.eval_models import auto_batch_size
+
     for m in models:  # fail before hours of compute, not after
         too_long = [n for n in lengths if m.max_length is not None and n > m.max_length]
         if too_long:
@@ -67,6 +110,8 @@ def evaluate(models: list[EvalModel], tokens: torch.Tensor, lengths: list[int], 
 
 
 def write_results(records: list[dict], out: Path) -> dict[str, Path]:
+    from tools.plotting import plot_extrapolation
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(records, indent=1) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
@@ -79,17 +124,23 @@ def write_results(records: list[dict], out: Path) -> dict[str, Path]:
 
 def main(argv=None) -> dict[str, Path]:
     args = parse_args(argv)
-    try:
-        lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
-    except ValueError:
-        sys.exit(f"--lengths {args.lengths!r} must be comma-separated integers, e.g. 512,1024,2048")
+    lengths = parse_lengths(args.lengths)
     if args.method == "nonoverlapping" and args.stride is not None:
-        sys.exit("--stride applies to --method sliding only (nonoverlapping scores every token once)")
-    names = args.names.split(",") if args.names else [None] * len(args.checkpoint)
-    if len(names) != len(args.checkpoint):
-        sys.exit(f"--names has {len(names)} entries for {len(args.checkpoint)} checkpoints")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        raise UsageError("--stride applies to --method sliding only (nonoverlapping scores every token once)")
+    for flag, value in (("--stride", args.stride), ("--batch-size", args.batch_size)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} {value} must be a positive integer")
+    missing = [c for c in args.checkpoint if not Path(c).exists()]
+    if missing:
+        raise FileNotFoundError(f"--checkpoint {' '.join(missing)}: no such directory")
+    names = model_names(args.checkpoint, args.names)
+
+    import torch
+
     from pretrain.data import split_tokens
+    from tools.eval_models import load_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     tokens = split_tokens(args.data, args.split)
     print(f"{args.split} split of {args.data}: {tokens.numel()} tokens; device {device}")

@@ -3,7 +3,7 @@
 Both are `ScoreBias`es (pretrain/model/attention.py) with learned per-head parameters, and both
 are ONE module per model, shared by every layer, as in the originals (T5: the first layer's
 table is reused by every layer, Raffel et al. 2020 Sec. 2.1; KERPLE: one module passed to every
-layer in its GPT-NeoX code; docs/reference.md §8). The builder registers it once as
+layer in its GPT-NeoX code; docs/reference.md §9). The builder registers it once as
 `GPTModel.position_bias` and hands each layer's CoreAttention a `SharedBias` view, so the
 parameters have one name and one gradient (summed over layers by autograd). Under tensor
 parallelism a rank holds its own heads' columns (megatron's `partition_dim` attribute set, so

@@ -39,13 +39,17 @@ STARTED: list[subprocess.Popen] = []
 
 @pytest.fixture(autouse=True)
 def _no_leftover_ranks():
-    """A failing test must not leave ranks running on the shared cores."""
+    """A failing test must not leave ranks running on the shared cores. The tests import
+    `launch` with `from conftest import ...`, which under --import-mode=importlib loads this file
+    a second time as module `conftest`, with its own STARTED: both lists are emptied."""
     yield
-    while STARTED:
-        p = STARTED.pop()
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    modules = {id(m): m for m in (sys.modules.get(__name__), sys.modules.get("conftest")) if hasattr(m, "STARTED")}
+    for started in [m.STARTED for m in modules.values()]:
+        while started:
+            p = started.pop()
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def launch(argv: list[str], world_size: int, env_extra: dict | None = None, **popen) -> list[subprocess.Popen]:
@@ -72,3 +76,22 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
         for p in procs:
             p.wait()
         raise
+
+
+def hold_lock(run_dir: Path) -> subprocess.Popen:
+    """A process holding the run directory's lock, as a trainer's rank 0 does, until killed."""
+    code = "import sys, time\nfrom pretrain.rundir import RunLock\nRunLock(sys.argv[1]).acquire()\n" \
+           "print('locked', flush=True)\ntime.sleep(600)"
+    p = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    STARTED.append(p)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def hold_lock_then_kill9(run_dir: Path) -> int:
+    """Leave run.lock behind as a trainer killed with SIGKILL does (naming a dead pid); returns the pid."""
+    p = hold_lock(run_dir)
+    p.kill()  # SIGKILL: no clean-up of any kind
+    p.wait()
+    return p.pid

@@ -15,7 +15,7 @@ layouts = [tuple(int(v) for v in (s + ",0").split(",")[:4]) for s in sys.argv[4:
 
 from megatron.core import parallel_state as ps  # noqa: E402
 
-from pretrain.checkpoint import find_checkpoint, resume, save_checkpoint  # noqa: E402
+from pretrain.checkpoint import resume, save_checkpoint, scan  # noqa: E402
 from pretrain.config import DataSource, load_config  # noqa: E402
 from pretrain.data import BatchReader, build_train_dataset, load_data, split_tokens  # noqa: E402
 from pretrain.loop import validate_ppl  # noqa: E402
@@ -50,7 +50,7 @@ for tp, pp, zero, recompute in layouts:
     del trainer
     gc.collect()
     trainer = Trainer(cfg, layout)
-    meta = resume(trainer, find_checkpoint(out_dir / name))
+    _, meta = resume(trainer, scan(out_dir / name))
     assert meta["step"] == STEPS and meta["consumed_samples"] == STEPS * 4, meta
     resumed = [trainer.train_step(reader.micro_batches(s), lr_at(s, cfg.optim, STEPS)).loss for s in (5, 6)]
     results[name] = {"losses": losses, "ppl": ppl, "continued": continued, "resumed": resumed}

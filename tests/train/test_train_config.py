@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError, DataSource, load_config
 from pretrain.memory import estimate_memory, parameter_count
 from pretrain.metrics import flops_per_token, throughput
-from pretrain.parallel import Layout
+from pretrain.parallel import Layout, read_env
 from pretrain.schedule import lr_at
 from pretrain.train import main
 
@@ -152,3 +152,61 @@ def test_train_reads_torchrun_slurm_or_no_launcher():
         read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
     with pytest.raises(RuntimeError, match="MASTER_PORT=0 names no port"):
         read_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "0"})
+
+
+def test_train_preflight_reports_every_bad_value_before_any_process_group(tiny_data, tmp_path, monkeypatch):
+    """Optimizer values, NaN, the seed range and LayerNorm eps are found with the other config
+    errors, all at once, before a process group exists (or anything is written); wrong element
+    types in lists already at load time."""
+    import torch.distributed
+
+    import pretrain.parallel
+    from pretrain.loop import train
+
+    def no_process_group(*args, **kwargs):
+        raise AssertionError("a process group was started before the config was checked")
+
+    monkeypatch.setattr(pretrain.parallel, "init_model_parallel", no_process_group)
+    monkeypatch.setattr(torch.distributed, "init_process_group", no_process_group)
+    bad = {"optim.beta1=1.5": "optim.beta1=1.5 must be in [0, 1)", "optim.beta2=-0.1": "optim.beta2=-0.1 must be in",
+           "optim.eps=0": "optim.eps=0.0 must be positive", "optim.weight_decay=-0.1": "optim.weight_decay=-0.1 must be",
+           "optim.lr=.nan": "optim.lr=nan must be a finite number", "train.seed=4294967296": "train.seed=4294967296 must",
+           "model.layernorm_epsilon=-1e-5": "model.layernorm_epsilon=-1e-05 must be positive"}
+    cfg = load_config(REPO / "configs" / "tiny_alibi.yaml", list(bad))
+    cfg.data.sources = [DataSource(path=str(tiny_data))]
+    with pytest.raises(ConfigError) as e:
+        train(cfg, tmp_path / "run", read_env({}))
+    assert len(e.value.errors) == len(bad), e.value.errors
+    for needle in bad.values():
+        assert needle in str(e.value)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs" / "tiny_alibi.yaml", ["validation.length_multipliers=[1, 2.5]", "wandb.tags=[a, 3]"])
+    assert e.value.errors == ["validation.length_multipliers[1]=2.5 must be of type int",
+                              "wandb.tags[1]=3 must be of type str"]
+
+
+def test_train_config_file_and_override_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_layers: 2\n  hidden_size: [128\n")
+    tiny = str(REPO / "configs" / "tiny_alibi.yaml")
+    cases = [([str(bad)], f"{bad}:4:1: YAML syntax error: expected ',' or ']'"),
+             ([str(tmp_path / "missing.yaml")], f"cannot read config file {tmp_path / 'missing.yaml'}: No such file"),
+             ([tiny, "train.steps"], "override 'train.steps' is not of the form key.path=value"),
+             ([tiny, "train.steps=[1,"], "override 'train.steps=[1,':1:4: YAML syntax error"),
+             ([tiny, "model.seq_length.x=1"], "override 'model.seq_length.x=1': model.seq_length is a value, not a section"),
+             ([tiny, "--allow-config-change", "model.seq_len"], "--allow-config-change model.seq_len: not a config key")]
+    for (config, *rest), needle in cases:
+        assert main(["--config", config, "--dry-run", *rest]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"train.py: invalid config: {needle}"), err
+
+
+def test_train_zero_sizes_and_unvalidatable_lengths_are_errors_not_crashes(capsys):
+    tiny = str(REPO / "configs" / "tiny_alibi.yaml")
+    for args, needle in ((["--tp", "0"], "parallel.tensor_parallel=0 and pipeline_parallel=1 must be positive"),
+                         (["model.num_attention_heads=0"], "model.num_attention_heads=0 must be positive"),
+                         (["validation.tokens=256"], "validation.tokens=256 holds no window of 512 tokens")):
+        assert main(["--config", tiny, "--dry-run", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err

@@ -1,7 +1,10 @@
 """train.py end to end on the tiny config (gloo, 2 ranks, dp=2 ZeRO-2): the loss falls,
-metrics.jsonl and the wandb offline run hold the same records, SIGTERM at step k then resume
-gives the uninterrupted losses for k+1..n, a mismatched model is refused, a truncated latest
-checkpoint falls back to the previous one, and K non-finite losses stop the run."""
+metrics.jsonl and the wandb offline run hold the same records, a second trainer on the run
+directory is refused while the first finishes, SIGTERM at step k then resume gives the
+uninterrupted losses for k+1..n, a mismatched model is refused, a changed seq_length or global
+batch is refused with the diff and accepted with --allow-config-change (past a stale lock, with
+the console telling what happened), a truncated latest checkpoint falls back to the previous
+one, and K non-finite losses stop the run."""
 
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ import json
 import math
 import shutil
 import signal
+import socket
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +26,7 @@ from pretrain import checkpoint
 from pretrain.parallel import Layout
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import REPO, TINY, launch, wait_all  # noqa: E402
+from conftest import REPO, TINY, hold_lock_then_kill9, launch, wait_all  # noqa: E402
 
 STEPS = 30
 ARGS = ["--steps", str(STEPS), "--log-interval", "1", "--save-interval", "10", "--zero-stage", "2",
@@ -72,10 +77,34 @@ def wandb_history(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_data, tmp_path_factory) -> Path:
+def run_and_intruder(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
+    """The uninterrupted run, and what became of a second trainer started on the same run
+    directory once the first held it (the first is paused meanwhile with SIGSTOP, so that the two
+    overlap however loaded the machine is)."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    assert wait_all(train(run_dir, tiny_data), timeout=400) == [0, 0]
-    return run_dir
+    procs = train(run_dir, tiny_data)
+    lock, metrics, deadline = run_dir / "run.lock", run_dir / "metrics.jsonl", time.time() + 300
+    while not (lock.is_file() and lock.read_text().strip()) and not (metrics.is_file() and metrics.stat().st_size):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "the first trainer did not start"
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.time()
+        second = train(run_dir, tiny_data, stderr=subprocess.PIPE, text=True)
+        errors = [p.communicate(timeout=300)[1] for p in second]
+        intruder = {"codes": [p.returncode for p in second], "stderr": errors, "seconds": time.time() - t0,
+                    "holder_pid": procs[0].pid}
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+    assert wait_all(procs, timeout=400) == [0, 0]
+    return run_dir, intruder
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(run_and_intruder) -> Path:
+    return run_and_intruder[0]
 
 
 @pytest.mark.slow
@@ -102,6 +131,19 @@ def test_train_loss_falls_and_metrics_reach_jsonl_and_wandb(uninterrupted):
     charts = [r for r in history if "val/ppl_at_128" in r]
     assert [int(r["step"]) for r in charts] == [10, 20, 30]
     assert any(k.startswith("val/extrapolation") for k in charts[-1])  # the one-chart line series
+
+
+@pytest.mark.slow
+def test_train_second_trainer_on_a_locked_run_dir_is_refused_while_the_first_finishes(run_and_intruder):
+    run_dir, intruder = run_and_intruder
+    assert intruder["codes"] == [2, 2], intruder["stderr"]
+    holder = f"host {socket.gethostname()} pid {intruder['holder_pid']} since "
+    for err in intruder["stderr"]:  # both ranks, one line naming the holder
+        assert f"train.py: cannot start: run directory {run_dir} is in use by another trainer ({holder}" in err, err
+    assert intruder["seconds"] < 120  # refused in preflight: no process group, nothing trained or written
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "kind" not in r] == list(range(1, STEPS + 1))  # every step logged once
+    assert [r["step"] for r in rows if r.get("kind") == "validation"] == [10, 20, 30]
 
 
 @pytest.mark.slow
@@ -133,17 +175,55 @@ def test_train_resume_refuses_a_different_model(uninterrupted, tiny_data):
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode == 2, err
     assert "cannot resume" in err and "model.num_layers: checkpoint has 2, this run 3" in err, err
-    assert "layout world_size: checkpoint has 2, this run 1" in err  # every problem listed at once
+    assert "layout.world_size: checkpoint has 2, this run 1" in err  # every problem listed at once
+
+
+@pytest.mark.slow
+def test_train_resume_with_another_seq_length_or_batch_is_refused_then_allowed(uninterrupted, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir, ignore=shutil.ignore_patterns("wandb"))
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000030")  # continue from step 20
+    (run_dir / "checkpoints" / "latest").write_text("step_00000020\n")
+    changed = ["train.global_batch_size=16", "--seq-length", "32"]
+    procs = train(run_dir, tiny_data, extra=changed, stderr=subprocess.PIPE, text=True)
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errors
+    for needle in ("model.seq_length: checkpoint has 64, this run 32", "--allow-config-change model.seq_length",
+                   "train.global_batch_size: checkpoint has 8, this run 16",
+                   "--allow-config-change train.global_batch_size"):
+        assert needle in errors[0], errors[0]
+    assert "checkpoint.save_interval" not in errors[0]  # harmless changes are not refused
+
+    dead = hold_lock_then_kill9(run_dir)  # a trainer killed with SIGKILL left its lock file behind
+    procs = train(run_dir, tiny_data, stdout=subprocess.PIPE, text=True,
+                  extra=changed + ["--allow-config-change", "model.seq_length", "train.global_batch_size"])
+    out = procs[0].communicate(timeout=400)[0]
+    assert wait_all(procs, timeout=60) == [0, 0], out
+    assert f"pid {dead} " not in (run_dir / "run.lock").read_text()
+    ckpts = run_dir / "checkpoints"
+    for needle in (f"resumed from {ckpts}/step_00000020 at step 20",
+                   "config change: model.seq_length: checkpoint has 64, this run 32 (allowed by --allow-config-change)",
+                   "config change: train.global_batch_size: checkpoint has 8, this run 16 (allowed",
+                   f"config history: {run_dir}/config.step_00000020.yaml",
+                   f"step 30: checkpoint {ckpts}/step_00000030",
+                   "summary: steps 20 -> 30 of 30 (10 this start, 5,120 tokens",  # 10 x 16 x 32
+                   f"last checkpoint: {ckpts}/step_00000030", "best validation perplexity: "):
+        assert needle in out, (needle, out)
+    val = records(run_dir, "validation")[30]
+    assert f"step 30: validation perplexity {val['val/ppl_at_32']:.3f} at 32, {val['val/ppl_at_64']:.3f} at 64" in out
+    meta = checkpoint.find_checkpoint(run_dir)[1]
+    assert meta["consumed_samples"] == 20 * 8 + 10 * 16  # the data goes on from the next unread sample
+    assert meta["config"]["model"]["seq_length"] == 32
 
 
 def test_train_refuses_another_tokenizer(uninterrupted):
-    from pretrain.config import load_config
+    from pretrain.config import Config, from_dict
 
     _, meta = checkpoint.find_checkpoint(uninterrupted)
-    cfg = load_config(TINY, ["parallel.zero_stage=2"])
-    assert checkpoint.compatibility_errors(meta, cfg, meta["tokenizer"], Layout.of(cfg, 2)) == []
+    cfg = from_dict(Config, meta["config"])  # the run's own config: only the tokenizer differs
+    assert checkpoint.resume_changes(meta, cfg, meta["tokenizer"], Layout.of(cfg, 2)).refused == []
     other = dict(meta["tokenizer"], sha256="0" * 64, path="/elsewhere/tok.model")
-    (err,) = checkpoint.compatibility_errors(meta, cfg, other, Layout.of(cfg, 2))
+    (err,) = checkpoint.resume_changes(meta, cfg, other, Layout.of(cfg, 2)).refused
     assert "tokenizer" in err and "/elsewhere/tok.model" in err
 
 
@@ -153,7 +233,7 @@ def test_train_truncated_latest_falls_back(uninterrupted, tmp_path, capsys):
     run_dir = tmp_path / "copy"
     shutil.copytree(uninterrupted / "checkpoints", run_dir / "checkpoints")
     assert checkpoint.find_checkpoint(run_dir)[0].name == "step_00000030"
-    shard = run_dir / "checkpoints" / "step_00000030" / "model" / "tp00_pp00.pt"
+    shard = run_dir / "checkpoints" / "step_00000030" / "model" / "tp00_pp00.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])  # a crash mid-copy
     ckpt, meta = checkpoint.find_checkpoint(run_dir)
     assert ckpt.name == "step_00000020" and meta["step"] == 20
