@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import ClassVar
 
 import torch
 from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
@@ -67,8 +68,6 @@ def _positions(s: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 class T5Bias(torch.nn.Module):
     """The T5 relative bias for this TP rank's heads: `weight` [num_buckets, local heads]."""
-
-    partition_dims = {"weight": 1}
 
     def __init__(self, num_heads: int, tp_size: int, tp_rank: int, *, num_buckets: int, max_distance: int,
                  hidden_size: int, dtype: torch.dtype = torch.float32):
@@ -114,8 +113,7 @@ class KerpleBias(torch.nn.Module):
     """KERPLE's log kernel for this TP rank's heads: `r1`, `r2` [local heads], used as
     -max(r1, eps) * log(1 + max(r2, eps) * |i - j|)."""
 
-    partition_dims = {"r1": 0, "r2": 0}
-    INIT_SCALE = {"r1": 2.0, "r2": 1.0}
+    INIT_SCALE: ClassVar[dict[str, float]] = {"r1": 2.0, "r2": 1.0}
     """KERPLE's init: r1 ~ U(0, 2), r2 ~ U(0, 1) (`get_parameter(2, 'uniform')`, `(1, 'uniform')`)."""
 
     def __init__(self, num_heads: int, tp_size: int, tp_rank: int, *, dtype: torch.dtype = torch.float32):
