@@ -481,8 +481,24 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def field_defaults(cls: type = None, prefix: str = "") -> dict[str, Any]:
+    """{"a.b": default} of every config field that has a default (required fields have none)."""
+    cls = cls or Config
+    hints, out = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(field_defaults(hints[f.name], f"{prefix}{f.name}."))
+        elif f.default is not dataclasses.MISSING:
+            out[prefix + f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[prefix + f.name] = f.default_factory()
+    return out
+
+
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, old value, new value) for every dotted key whose value differs (a key one side
-    lacks counts as None: a field added since the checkpoint was written)."""
+    """(key, old value, new value) for every dotted key whose value differs. A field added since
+    the checkpoint was written counts as its default there (the run it saved behaved so); a key
+    one side lacks otherwise counts as None."""
     a, b = flatten(old), flatten(new)
+    a = {**{k: v for k, v in field_defaults().items() if k not in a}, **a}
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
