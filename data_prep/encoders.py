@@ -21,10 +21,12 @@ whichever encoder runs; only the speed differs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import multiprocessing as mp
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -100,6 +102,30 @@ def write_tokenizer_json(model_path: str | Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def kept_tokenizer_json(model_path: str | Path, sha256: str) -> Path:
+    """Where a model's converted tokenizer.json is kept: next to it, named by its checksum."""
+    model = Path(model_path)
+    return model.with_name(f"{model.stem}.{sha256[:12]}.tokenizer.json")
+
+
+def prepare_tokenizer_json(model_path: str | Path, sha256: str, dest: Path) -> None:
+    """Put the model's tokenizer.json at `dest`: a copy of the one kept next to the model, or
+    converted (~1 CPU-s: importing transformers and deriving the merges; done in a child process,
+    so the coordinator never imports transformers) and then kept there for the next run."""
+    from data_prep.manifest import tmp_name
+
+    kept = kept_tokenizer_json(model_path, sha256)
+    if kept.exists():
+        shutil.copyfile(kept, tmp_name(dest))
+        os.replace(tmp_name(dest), dest)
+        return
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
+        pool.submit(write_tokenizer_json, str(model_path), dest).result()
+    with contextlib.suppress(OSError):  # a read-only model directory: convert again next time
+        shutil.copyfile(dest, tmp_name(kept))
+        os.replace(tmp_name(kept), kept)
+
+
 class FastEncoder:
     """fastokens on one thread (the pool's processes are the parallelism), with SentencePiece's
     conventions: no BOS/EOS added, control pieces written in the text encoded as text."""
@@ -132,23 +158,29 @@ def first_difference(texts: list[str], want: list[list[int]], got: list[np.ndarr
     return None
 
 
-def _fast_encode(model_path: str, tokenizer_json: str, texts: list[str]) -> list[np.ndarray]:
-    if not Path(tokenizer_json).exists():
-        write_tokenizer_json(model_path, Path(tokenizer_json))
-    return FastEncoder(tokenizer_json).encode_batch(texts)
+_CHECKED = None  # the encoder a forked check child runs
 
 
-def check(sp, model_path: str | Path, tokenizer_json: str | Path, texts: list[str],
-          want: list[list[int]]) -> str | None:
-    """The start-up check: the fast encoder's ids on the edge cases and on `texts` (a sample of
-    the input, whose SentencePiece ids are `want`) against SentencePiece's. Returns None (the
-    same) or what differed. Converting the model to `tokenizer_json` (when absent) and the fast
-    encoder run in a forked child: the coordinator neither imports transformers nor starts
-    fastokens' thread pool (workers forked later would inherit a pool without its threads)."""
+def _encode_in_child(texts: list[str]) -> list[np.ndarray]:
+    return _CHECKED.encode_batch(texts)
+
+
+def check(sp, fast, model_path: str | Path, texts: list[str], want: list[list[int]]) -> str | None:
+    """The start-up check: the ids of `fast` (a loaded Tokenizer with the fast encoder) on the
+    edge cases and on `texts` (a sample of the input, whose SentencePiece ids are `want`) against
+    SentencePiece's. Returns None (the same) or what differed.
+
+    The encoding runs in a forked child: the coordinator loads the fast encoder (so that the
+    workers it forks share it) but never encodes with it, because its first encode starts a
+    thread pool that forked workers would inherit without its threads."""
+    global _CHECKED
     cases = edge_cases(model_path)
+    _CHECKED = fast
     try:
         with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
-            got = pool.submit(_fast_encode, str(model_path), str(tokenizer_json), cases + texts).result()
-    except Exception as e:  # noqa: BLE001 - any conversion, load or encode failure means: not this encoder
-        return f"fastokens failed on the converted tokenizer: {type(e).__name__}: {e}"
+            got = pool.submit(_encode_in_child, cases + texts).result()
+    except Exception as e:  # noqa: BLE001 - any encode failure means: not this encoder
+        return f"fastokens failed: {type(e).__name__}: {e}"
+    finally:
+        _CHECKED = None
     return first_difference(cases + texts, [sp.encode(c) for c in cases] + want, got)

@@ -22,7 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from data_prep.manifest import OutputDir
 from data_prep.plan import Chunk
 from data_prep.settings import PrepSettings
-from data_prep.worker import indexed_dataset, load_done, run_chunk
+from data_prep.worker import indexed_dataset, load_done, load_tokenizer, run_chunk
 
 _QUEUE = None
 # how long an unfinished task may be absent from squeue before it counts as lost
@@ -133,7 +133,8 @@ def map_tasks(fn, args_list: list[tuple], s: PrepSettings) -> list:
 def run_group(chunks: list[Chunk], s: PrepSettings, plan_id: str) -> list[str]:
     """One submitit/SLURM array task: its share of the chunks on its own cores."""
     n = s.workers or len(os.sched_getaffinity(0))
-    indexed_dataset()  # import before forking the pool
+    indexed_dataset()  # import and load before forking the pool: the workers share them
+    load_tokenizer(s, s.encoder)
     return sorted(run_local(chunks, s, plan_id, n))
 
 

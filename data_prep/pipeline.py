@@ -32,7 +32,7 @@ from data_prep.progress import Reporter
 from data_prep.readers import ChunkReader, expand_inputs
 from data_prep.settings import LAUNCHERS, VALID_MIN_WINDOWS, PrepSettings
 from data_prep.tokenizer import Tokenizer
-from data_prep.worker import StrictError, indexed_dataset, load_done, token_dtype
+from data_prep.worker import StrictError, indexed_dataset, load_done, load_tokenizer, token_dtype
 
 __all__ = ["LAUNCHERS", "DiskFullError", "RefusedError", "preprocess"]
 
@@ -110,16 +110,15 @@ def _check_plan(layout: OutputDir, fingerprint: dict) -> None:
             tmp.unlink()
 
 
-def _sample(described: list[dict], s: PrepSettings) -> tuple[list[str], int]:
+def _sample(described: list[dict], s: PrepSettings) -> tuple[list[str], float]:
     """Documents from the start of up to SAMPLE_FILES inputs spread over the list, about
-    SAMPLE_BYTES in all (deterministic: the same inputs give the same sample); and the input
-    bytes they came from."""
+    SAMPLE_BYTES of text in all (a longer document is cut); deterministic: the same inputs give
+    the same sample. -> (texts, document bytes per input byte read, to scale token counts)."""
     readable = [d for d in described if d["readable"]]
-    step = max(1, math.ceil(len(readable) / encoders.SAMPLE_FILES))
-    picked = readable[::step]
-    texts, consumed = [], 0
+    picked = readable[::max(1, math.ceil(len(readable) / encoders.SAMPLE_FILES))]
+    budget = encoders.SAMPLE_BYTES // max(len(picked), 1)
+    texts, text_bytes, consumed = [], 0, 0
     for d in picked:
-        budget = encoders.SAMPLE_BYTES // len(picked)
         reader = ChunkReader(d["path"], d["format"], d["compression"], 0, None, s.text_key, s.max_doc_bytes)
         got = 0
         for rec in reader:
@@ -128,8 +127,8 @@ def _sample(described: list[dict], s: PrepSettings) -> tuple[list[str], int]:
                 got += len(rec.data)
             if got >= budget:
                 break
-        consumed += reader.consumed
-    return texts, consumed
+        text_bytes, consumed = text_bytes + got, consumed + reader.consumed
+    return texts, text_bytes / max(consumed, 1)
 
 
 def _choose_encoder(s: PrepSettings, tok: Tokenizer, layout: OutputDir, sample: list[str],
@@ -139,9 +138,16 @@ def _choose_encoder(s: PrepSettings, tok: Tokenizer, layout: OutputDir, sample: 
     if s.encoder == "sentencepiece":
         return info
     reason = encoders.fast_unsupported(tok.model_path)
-    if reason is None:  # the check converts the model to tokenizer.json if absent (a new plan removes it)
-        if diff := encoders.check(tok.sp, tok.model_path, layout.tokenizer_json, sample, sample_ids):
-            reason = f"it gave other ids than SentencePiece: {diff}"
+    if reason is None:
+        try:
+            if not layout.tokenizer_json.exists():  # a new plan removes it: it may be another tokenizer's
+                encoders.prepare_tokenizer_json(tok.model_path, tok.sha256, layout.tokenizer_json)
+            fast = load_tokenizer(s, encoders.FAST)  # loaded before the workers fork: they share it
+        except Exception as e:  # noqa: BLE001 - a conversion or load failure means: not this encoder
+            reason = f"fastokens cannot load the converted tokenizer: {type(e).__name__}: {e}"
+        else:
+            if diff := encoders.check(tok.sp, fast, tok.model_path, sample, sample_ids):
+                reason = f"it gave other ids than SentencePiece: {diff}"
     if reason:
         log.warning(f"encoder: using sentencepiece, not fastokens: {reason} (the output is the same, only slower)")
         return dict(info, fallback=reason)
@@ -202,9 +208,10 @@ def preprocess(inputs, tokenizer_path, output_dir, **settings) -> dict:
 def _start(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputDir):
     """Everything decided before a chunk starts: the resolved settings, the plan (refusing another
     run's directory), the encoder. -> (settings, plan id, fingerprint, encoder info, tokens per input byte)."""
-    sample, sample_bytes = _sample(described, s)
+    sample, text_per_input_byte = _sample(described, s)
     sample_ids = tok.sp.encode(sample)  # SentencePiece's ids: the check's reference, and the token estimate
-    tokens_per_byte = (sum(map(len, sample_ids)) + len(sample)) / max(sample_bytes, 1)  # + eod per document
+    tokens_per_byte = text_per_input_byte * (sum(map(len, sample_ids)) + len(sample)) / \
+        max(sum(len(t.encode()) for t in sample), 1)  # per input byte, one eod per document
     s = _resolve(s, described, tokens_per_byte)
     fingerprint = {"tokenizer": str(tok.model_path), "tokenizer_sha256": tok.sha256,
                    "settings": s.output_settings(token_dtype(tok.vocab_size).__name__),
@@ -234,6 +241,7 @@ def _run(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputD
                     f"it may fill the disk")
     if todo and s.launcher == "local":
         indexed_dataset()  # import once here, before forking: workers share it
+    t_chunks, cpu_chunks = time.time(), time.process_time()
     try:
         with Reporter(sum(c.est_bytes for c in chunks), sum(c.est_bytes for c in chunks if c.id in done),
                       quiet=s.quiet) as progress:
@@ -251,6 +259,7 @@ def _run(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputD
             ex = r["examples"][0]
             raise StrictError(f"{ex['file']}:{ex['line']}: {reason}: {ex['detail']} ({r['count']} such records)")
         merged = plan_merge(manifest["shards"], s.merge_bytes)
+        t_merge, cpu_merge = time.time(), time.process_time()
         if s.merge_bytes > 0:
             launch.map_tasks(merge_one, [(s.out_dir, e, dtype.__name__, plan_id, s.keep_chunk_shards)
                                          for e in merged], s)
@@ -267,7 +276,8 @@ def _run(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputD
     manifest["warnings"] = _warnings(manifest, s)
     for w in manifest["warnings"]:
         log.warning(w)
-    elapsed = time.time() - t0
+    t_end = time.time()
+    elapsed = t_end - t0
     nbytes = sum(r["bytes"] for r in new.values())
     ntokens = sum(x["tokens"] for r in new.values() for x in r["splits"].values())
     manifest["output_dir"] = str(layout.root)
@@ -276,7 +286,11 @@ def _run(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputD
                        "tokens": ntokens, "mb_per_s": round(nbytes / elapsed / 1e6, 3),
                        "tokens_per_s": round(ntokens / elapsed, 1), "chunks": len(chunks),
                        "chunks_resumed": len(done),
-                       "worker_busy_s": round(sum(r["elapsed_s"] for r in new.values()), 3)}
+                       "worker_busy_s": round(sum(r["elapsed_s"] for r in new.values()), 3),
+                       "phases_s": {"start": round(t_chunks - t0, 3), "tokenize": round(t_merge - t_chunks, 3),
+                                    "merge": round(t_end - t_merge, 3)},
+                       # this process's CPU while the workers tokenize: what limits the worker count
+                       "coordinator_tokenize_cpu_s": round(cpu_merge - cpu_chunks, 3)}
     write_manifest(layout.root, manifest)
     return manifest
 

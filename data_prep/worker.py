@@ -28,7 +28,7 @@ from data_prep.readers import ChunkReader
 from data_prep.settings import PrepSettings
 from data_prep.tokenizer import Tokenizer
 
-__all__ = ["SPLITS", "StrictError", "indexed_dataset", "load_done", "run_chunk", "token_dtype"]
+__all__ = ["SPLITS", "StrictError", "indexed_dataset", "load_done", "load_tokenizer", "run_chunk", "token_dtype"]
 
 log = logging.getLogger("data_prep")
 
@@ -53,7 +53,8 @@ def indexed_dataset():
     return module
 
 
-def _tokenizer(s: PrepSettings, encoder: str) -> Tokenizer:
+def load_tokenizer(s: PrepSettings, encoder: str) -> Tokenizer:
+    """The tokenizer with `encoder`, loaded once per process (forked workers inherit it)."""
     key = (s.tokenizer, encoder)
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = Tokenizer(s.tokenizer, encoder, OutputDir(s.out_dir).tokenizer_json)
@@ -119,7 +120,7 @@ def run_chunk(chunk: Chunk, s: PrepSettings, plan_id: str, progress=None) -> dic
 def _tokenize(chunk: Chunk, s: PrepSettings, plan_id: str, encoder: str, progress) -> dict:
     t0 = time.time()
     layout = OutputDir(s.out_dir)
-    tok = _tokenizer(s, encoder)
+    tok = load_tokenizer(s, encoder)
     dtype = token_dtype(tok.vocab_size)
     threshold = int(s.valid_fraction * 2**64)
     stems = {split: layout.path(layout.chunk_prefix(chunk.id, split)) for split in SPLITS}

@@ -15,9 +15,12 @@ For each set and worker count W:
     reading, JSON, hashing or writing;
   * preprocess: the real CLI in a fresh process with --encoder E, timed from after the one-time
     imports (megatron-core + torch, reported as startup_cpu_s) to the end; MB/s, x the ceiling,
-    % of the encoder's own raw rate; peak RSS and PSS of the process tree (RSS every 0.2 s, PSS
+    % of the encoder's own raw rate; its start-up (sample, encoder check: fixed, whatever the
+    input size) and the steady state a large input sees: one worker's MB/s while busy on chunks,
+    x one ceiling core; peak RSS and PSS of the process tree (RSS every 0.2 s, PSS
     every 2 s: reading smaps costs ~5 ms per process) and the largest single process (max RSS of
-    the workers); coordinator CPU share = its CPU / all CPU during the run; whether the merged
+    the workers); coordinator CPU share = its CPU / all CPU during the run (start-up included),
+    and while tokenizing (its CPU / (its CPU + the workers' busy time)); whether the merged
     shards are byte-identical to the sentencepiece run's.
 All MB/s are input-file MB (the in-memory rates are scaled by file bytes / text bytes). Prints a
 table and writes JSON.
@@ -47,6 +50,7 @@ from rich.table import Table
 
 from data_prep import encoders
 from data_prep.readers import ChunkReader, detect_format, expand_inputs
+from data_prep.tokenizer import file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -200,7 +204,11 @@ def run_preprocess(paths, model: str, workers: int, encoder: str, out_dir: Path)
             "coordinator_maxrss_mb": stats["coord_maxrss_mb"], "coordinator_cpu_s": stats["coord_cpu_s"],
             "workers_cpu_s": stats["workers_cpu_s"], "coordinator_cpu_share": stats["coord_cpu_s"] / total_cpu,
             "mb_per_cpu_s": run["bytes"] / total_cpu / 1e6, "import_s": stats["import_s"],
-            "startup_cpu_s": stats["startup_cpu_s"], "chunks": run["chunks"], "merged_sha256": digest.hexdigest()}
+            "startup_cpu_s": stats["startup_cpu_s"], "chunks": run["chunks"], "merged_sha256": digest.hexdigest(),
+            "phases_s": run["phases_s"], "busy_mb_per_s_per_worker": run["bytes"] / run["worker_busy_s"] / 1e6,
+            # while tokenizing: the coordinator's CPU against the workers' busy time
+            "coordinator_tokenize_share": run["coordinator_tokenize_cpu_s"]
+            / (run["coordinator_tokenize_cpu_s"] + run["worker_busy_s"])}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -233,8 +241,8 @@ def main(argv=None) -> None:
         sets["input"] = expand_inputs(a.input)
     if not sets:
         raise SystemExit("nothing to measure: pass --text-dir, --input or --make-corpus-mb")
-    tokenizer_json = str(work / "tokenizer.json")
-    encoders.write_tokenizer_json(a.tokenizer, Path(tokenizer_json))
+    tokenizer_json = str(work / "tokenizer.json")  # (also kept next to the model: preprocess reuses it)
+    encoders.prepare_tokenizer_json(a.tokenizer, file_sha256(a.tokenizer), Path(tokenizer_json))
     load_before, results = os.getloadavg(), []
     for name, paths in sets.items():
         batches, text_bytes = load_batches(paths)
@@ -254,21 +262,25 @@ def main(argv=None) -> None:
                     shutil.rmtree(out)
                     sp_sha = sp_sha or (p["merged_sha256"] if enc == "sentencepiece" else None)
                     p["x_ceiling"] = p["mb_per_s"] / ceiling["input_mb_per_s"]
+                    # steady state, what a large input sees: one worker's rate while busy vs one ceiling core
+                    p["x_ceiling_per_core"] = p["busy_mb_per_s_per_worker"] / (ceiling["input_mb_per_s"] / w)
                     p["pct_of_own_raw_rate"] = 100 * p["mb_per_s"] / raw[enc]["input_mb_per_s"]
                     same = None if sp_sha is None else p["merged_sha256"] == sp_sha
                     results.append({"set": name, "repeat": rep, "workers": w, "ceiling": ceiling, "raw": raw[enc],
                                     "preprocess": p, "load_avg": os.getloadavg(), "identical_to_sentencepiece": same})
     t = Table(title="preprocess per encoder vs the SentencePiece ceiling (same text, same cores; input-file MB/s)")
     for col in ("set", "W", "encoder", "ceiling MB/s", "raw MB/s", "prep MB/s", "x ceiling", "% own raw",
-                "MB/s/core", "peak PSS MB", "max proc RSS MB", "coord CPU %", "same bytes", "load"):
+                "start s", "busy MB/s/worker", "x ceil/core", "peak PSS MB", "max proc RSS MB", "coord CPU %",
+                "coord % tokenizing", "same bytes", "load"):
         t.add_column(col, justify="right")
     for r in results:
         p = r["preprocess"]
         t.add_row(r["set"], str(r["workers"]), p["encoder"], f"{r['ceiling']['input_mb_per_s']:.2f}",
                   f"{r['raw']['input_mb_per_s']:.2f}", f"{p['mb_per_s']:.2f}", f"{p['x_ceiling']:.2f}",
-                  f"{p['pct_of_own_raw_rate']:.0f}", f"{p['mb_per_s'] / r['workers']:.2f}", f"{p['peak_pss_mb']:.0f}",
+                  f"{p['pct_of_own_raw_rate']:.0f}", f"{p['phases_s']['start']:.2f}",
+                  f"{p['busy_mb_per_s_per_worker']:.2f}", f"{p['x_ceiling_per_core']:.2f}", f"{p['peak_pss_mb']:.0f}",
                   f"{max(p['worker_maxrss_mb'], p['coordinator_maxrss_mb']):.0f}",
-                  f"{100 * p['coordinator_cpu_share']:.2f}",
+                  f"{100 * p['coordinator_cpu_share']:.2f}", f"{100 * p['coordinator_tokenize_share']:.2f}",
                   {None: "-", True: "yes", False: "NO"}[r["identical_to_sentencepiece"]],
                   f"{r['load_avg'][0]:.1f}")
     Console(width=200).print(t)
