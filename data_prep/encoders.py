@@ -91,17 +91,6 @@ def edge_cases(model_path: str | Path) -> list[str]:
     return EDGE_CASES + [" ".join(pieces), "".join(pieces)]
 
 
-def write_tokenizer_json(model_path: str | Path, path: Path) -> None:
-    """The HF tokenizer.json equivalent of the .model (data_prep/hf_tokenizer.py), atomically."""
-    from data_prep.hf_tokenizer import spm_to_hf_tokenizer
-    from data_prep.manifest import tmp_name
-
-    text = spm_to_hf_tokenizer(model_path).backend_tokenizer.to_str()
-    tmp = tmp_name(path)
-    Path(tmp).write_text(text)
-    os.replace(tmp, path)
-
-
 def kept_tokenizer_json(model_path: str | Path, sha256: str) -> Path:
     """Where a model's converted tokenizer.json is kept: next to it, named by its checksum."""
     model = Path(model_path)
@@ -110,8 +99,9 @@ def kept_tokenizer_json(model_path: str | Path, sha256: str) -> Path:
 
 def prepare_tokenizer_json(model_path: str | Path, sha256: str, dest: Path) -> None:
     """Put the model's tokenizer.json at `dest`: a copy of the one kept next to the model, or
-    converted (~1 CPU-s: importing transformers and deriving the merges; done in a child process,
-    so the coordinator never imports transformers) and then kept there for the next run."""
+    converted by data_prep/hf_tokenizer.py (~1 CPU-s: importing transformers and deriving the
+    merges; done in a child process, so the coordinator never imports transformers) and then
+    kept there for the next run."""
     from data_prep.manifest import tmp_name
 
     kept = kept_tokenizer_json(model_path, sha256)
@@ -119,6 +109,8 @@ def prepare_tokenizer_json(model_path: str | Path, sha256: str, dest: Path) -> N
         shutil.copyfile(kept, tmp_name(dest))
         os.replace(tmp_name(dest), dest)
         return
+    from data_prep.hf_tokenizer import write_tokenizer_json
+
     with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
         pool.submit(write_tokenizer_json, str(model_path), dest).result()
     with contextlib.suppress(OSError):  # a read-only model directory: convert again next time

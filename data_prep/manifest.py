@@ -48,6 +48,14 @@ class OutputDir:
         return self.root / MANIFEST
 
     @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.root / "merged"
+
+    @property
     def work(self) -> Path:
         return self.root / ".work"
 
@@ -78,12 +86,12 @@ class OutputDir:
     @property
     def state_dirs(self) -> tuple[Path, ...]:
         """Directories a run creates up front (merged/ is made by the merge step)."""
-        return (self.root / "shards", self.done_dir, self.merged_marks)
+        return (self.shards_dir, self.done_dir, self.merged_marks)
 
     @property
     def tmp_dirs(self) -> tuple[Path, ...]:
         """Directories that may hold `*.tmp<pid>` leftovers of a killed run."""
-        return self.state_dirs + (self.root / "merged", self.work)
+        return self.state_dirs + (self.merged_dir, self.work)
 
     def done(self, chunk_id: str) -> Path:
         return self.done_dir / f"{chunk_id}.json"
@@ -95,6 +103,7 @@ class OutputDir:
 
     @staticmethod
     def merged_prefix(split: str, k: int) -> str:
+        """Manifest prefix of the k-th merged shard of a split."""
         return f"merged/{split}_{k:05d}"
 
     def path(self, prefix: str) -> Path:

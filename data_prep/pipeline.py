@@ -100,8 +100,8 @@ def _check_plan(layout: OutputDir, fingerprint: dict) -> None:
             f"{layout.root} holds a run with different {', '.join(diff)}; resuming needs the same "
             f"arguments: rerun with them, or use a new --output-dir")
     if old is None:
-        if not layout.plan.exists() and any((layout.root / "shards").iterdir()):
-            raise RefusedError(f"{layout.root}/shards holds files this tool did not plan (no .work/plan.json); "
+        if not layout.plan.exists() and any(layout.shards_dir.iterdir()):
+            raise RefusedError(f"{layout.shards_dir} holds files this tool did not plan (no {layout.plan}); "
                                f"use an empty --output-dir")
         write_json_atomic(layout.plan, fingerprint)
         layout.tokenizer_json.unlink(missing_ok=True)  # a new plan may have a new tokenizer
@@ -265,7 +265,7 @@ def _run(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputD
                                          for e in merged], s)
     except (OSError, launch.TaskFailedError) as e:  # a SLURM task's error arrives as its text
         if getattr(e, "errno", None) == errno.ENOSPC or f"[Errno {errno.ENOSPC}]" in str(e):
-            written = sum(p.stat().st_size for p in layout.root.glob("*/*.bin"))
+            written = sum(p.stat().st_size for d in (layout.shards_dir, layout.merged_dir) for p in d.glob("*.bin"))
             raise _disk_full(layout, total_out, written, merge_room) from e
         raise
     manifest["merged"] = [{k: v for k, v in e.items() if k != "parts"} for e in merged]
