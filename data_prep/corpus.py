@@ -23,6 +23,8 @@ from pathlib import Path
 
 import zstandard
 
+from data_prep.progress import HelpFormatter
+
 CODE_SHARE = 0.25
 _BLANK_RUN = re.compile(r"\n\s*\n")
 
@@ -106,7 +108,7 @@ def build_default_corpus(out_dir: Path, *, max_mb: float = 4.0) -> list[Path]:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("out_dir", type=Path, help="directory to write default.jsonl, default.jsonl.zst, default.txt into")
     ap.add_argument("--max-mb", type=float, default=4.0, help="MB of UTF-8 text to write (about)")
     return ap

@@ -15,6 +15,8 @@ import logging
 import sys
 
 from data_prep.pipeline import DiskFullError, RefusedError, preprocess
+from data_prep.progress import HelpFormatter, print_summary
+from data_prep.readers import InputError
 from data_prep.settings import ENCODERS, LAUNCHERS, SettingsError
 
 __all__ = ["preprocess", "main"]
@@ -22,11 +24,11 @@ __all__ = ["preprocess", "main"]
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="input files, directories or globs")
     ap.add_argument("--tokenizer", required=True, help="SentencePiece .model (data_prep/train_tokenizer.py)")
     ap.add_argument("--output-dir", required=True, help="where the shards and manifest.json go")
-    ap.add_argument("--workers", type=int, default=None, help="processes (per node); default: all cores")
+    ap.add_argument("--workers", type=int, default=None, help="processes per node (default: all cores)")
     ap.add_argument("--launcher", choices=LAUNCHERS, default="local",
                     help="local: this node; slurm: a SLURM job array of --nodes tasks (through submitit)")
     ap.add_argument("--encoder", choices=ENCODERS, default="auto",
@@ -42,16 +44,16 @@ def parser() -> argparse.ArgumentParser:
                          "warned about")
     ap.add_argument("--strict", action="store_true", help="any bad record is an error")
     ap.add_argument("--chunk-mb", type=float, default=None,
-                    help="uncompressed MiB per chunk (task); default: total/16384 within [4, 256]")
+                    help="uncompressed MiB per chunk (task) (default: total / 16384, within [4, 256])")
     ap.add_argument("--max-compressed-chunks", type=int, default=16,
                     help="chunks per compressed file at most (each decompresses from the start)")
     ap.add_argument("--max-doc-mb", type=float, default=16.0, help="longer documents are rejected (too_long)")
     ap.add_argument("--merge-mb", type=float, default=8192.0,
                     help="merge chunk shards into shards of ~this many MiB per split; 0: no merge")
     ap.add_argument("--keep-chunk-shards", action="store_true",
-                    help="keep the per-chunk shards after merging (default: removed once the merged shard is verified)")
+                    help="keep the per-chunk shards after merging (else removed once their merged shard is verified)")
     ap.add_argument("--nodes", type=int, default=1, help="slurm: array tasks, each one node")
-    ap.add_argument("--partition", default=None, help="slurm partition; default: the cluster's")
+    ap.add_argument("--partition", default=None, help="slurm partition (default: the cluster's)")
     ap.add_argument("--time-min", type=int, default=24 * 60, help="slurm time limit per task, minutes")
     ap.add_argument("--account", default=None, help="slurm account")
     ap.add_argument("--quiet", action="store_true", help="no progress output")
@@ -61,11 +63,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     log = logging.getLogger("data_prep")  # our messages only (megatron-core logs at INFO on the root logger)
-    log.addHandler(handler := logging.StreamHandler())
-    handler.setFormatter(logging.Formatter("preprocess: %(message)s"))
+    if not log.handlers:
+        log.addHandler(handler := logging.StreamHandler())
+        handler.setFormatter(logging.Formatter("preprocess: %(message)s"))
     log.setLevel(logging.WARNING if a.quiet else logging.INFO)
-    from data_prep.progress import print_summary
-    from data_prep.readers import InputError
     try:
         manifest = preprocess(
             a.input, a.tokenizer, a.output_dir, workers=a.workers, launcher=a.launcher, encoder=a.encoder,

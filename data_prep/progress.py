@@ -1,16 +1,27 @@
-"""Live progress (MB/s, tokens/s, ETA) and the final summary table, with rich.
+"""What the data-prep commands print: live progress (MB/s, tokens/s, ETA), the final summary
+table (rich), and the --help format.
 
 On a terminal: a rich progress bar. Elsewhere (SLURM logs, CI): one line every `every_s` seconds.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default, except where there is none (None, or a flag that is off)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class Reporter:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from data_prep.progress import HelpFormatter
 from data_prep.readers import ChunkReader, detect_format, expand_inputs
 
 EOD_PIECE, PAD_PIECE = "<|endoftext|>", "<pad>"
@@ -95,7 +96,7 @@ def train_tokenizer(inputs, vocab_size: int = 50304, output_prefix: str | Path =
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="input files, directories or globs (any format "
                     "preprocess.py reads)")
     ap.add_argument("--vocab-size", type=int, default=50304, help="pieces in the model; a multiple of 128 is fastest")

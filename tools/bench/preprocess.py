@@ -49,6 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 from data_prep import encoders
+from data_prep.progress import HelpFormatter
 from data_prep.readers import ChunkReader, detect_format, expand_inputs
 from data_prep.tokenizer import file_sha256
 
@@ -213,7 +214,7 @@ def run_preprocess(paths, model: str, workers: int, encoder: str, out_dir: Path)
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="SentencePiece .model to benchmark with")
     ap.add_argument("--text-dir", action="append", default=[], metavar="NAME=DIR[:GLOB]",
                     help="a text set built from the files under DIR (repeatable: e.g. prose and code)")
@@ -225,7 +226,7 @@ def parser() -> argparse.ArgumentParser:
                     choices=["sentencepiece", "fastokens"], help="encoders to run preprocess with")
     ap.add_argument("--workers", type=int, nargs="+", default=[2], help="worker counts to measure")
     ap.add_argument("--repeat", type=int, default=1, help="measure every configuration this many times")
-    ap.add_argument("--work-dir", type=Path, default=None, help="for the sets and outputs; default: a temp dir")
+    ap.add_argument("--work-dir", type=Path, default=None, help="for the sets and outputs (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=Path("bench_preprocess.json"), help="where to write the results")
     return ap
 
