@@ -60,7 +60,7 @@ class Reporter:
         if self.bar is not None:
             self.bar.stop()
 
-    def __enter__(self) -> "Reporter":
+    def __enter__(self) -> Reporter:
         return self
 
     def __exit__(self, *exc) -> None:
