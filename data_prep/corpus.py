@@ -23,6 +23,8 @@ from pathlib import Path
 
 import zstandard
 
+from data_prep.progress import HelpFormatter
+
 CODE_SHARE = 0.25
 _BLANK_RUN = re.compile(r"\n\s*\n")
 
@@ -104,11 +106,16 @@ def build_default_corpus(out_dir: Path, *, max_mb: float = 4.0) -> list[Path]:
     return paths
 
 
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("out_dir", type=Path, help="directory to write default.jsonl, default.jsonl.zst, default.txt into")
+    ap.add_argument("--max-mb", type=float, default=4.0, help="MB of UTF-8 text to write (about)")
+    return ap
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out_dir", type=Path)
-    ap.add_argument("--max-mb", type=float, default=4.0)
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     for p in build_default_corpus(args.out_dir, max_mb=args.max_mb):
         print(f"{p}  {p.stat().st_size / 1e6:.2f} MB")
     print(f"built from the standard library of Python {sys.version.split()[0]}")

@@ -9,10 +9,12 @@ holds for any SentencePiece model, BPE or unigram, with or without byte fallback
 - control pieces (<s>, </s>, ...) are special tokens; user-defined pieces are added tokens.
 No BOS/EOS is added when encoding, and control pieces written in the text are encoded as text,
 like `SentencePieceProcessor.encode`. (Decoding differs only for <unk>: SentencePiece writes ' ⁇ '.)
+`write_tokenizer_json` writes its `tokenizer.json`, which data prep's fast encoder loads.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
@@ -67,3 +69,13 @@ def spm_to_hf_tokenizer(model_file: str | Path) -> PreTrainedTokenizerFast:
         eos_token=piece(ts.eos_id), pad_token=piece(ts.pad_id), clean_up_tokenization_spaces=False,
         split_special_tokens=True,  # like SentencePiece, "<s>" in text is text, not the BOS id
     )
+
+
+def write_tokenizer_json(model_file: str | Path, path: str | Path) -> None:
+    """Write the converted tokenizer's `tokenizer.json` (what data_prep/encoders.py's fast encoder
+    loads) to `path`, atomically."""
+    from data_prep.manifest import tmp_name
+
+    tmp = tmp_name(path)
+    Path(tmp).write_text(spm_to_hf_tokenizer(model_file).backend_tokenizer.to_str())
+    os.replace(tmp, path)

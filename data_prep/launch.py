@@ -18,9 +18,11 @@ import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 
-from data_prep.worker import done_path, indexed_dataset, load_done, run_chunk
+from data_prep.manifest import OutputDir
+from data_prep.plan import Chunk
+from data_prep.settings import PrepSettings
+from data_prep.worker import indexed_dataset, load_done, load_tokenizer, run_chunk
 
 _QUEUE = None
 # how long an unfinished task may be absent from squeue before it counts as lost
@@ -57,24 +59,24 @@ def _init_worker(q) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _pool_task(chunk: dict, cfg: dict) -> dict:
+def _pool_task(chunk: Chunk, s: PrepSettings, plan_id: str) -> dict:
     report = (lambda b, t: _QUEUE.put((b, t))) if _QUEUE is not None else None
-    return run_chunk(chunk, cfg, report)
+    return run_chunk(chunk, s, plan_id, report)
 
 
-def run_local(chunks: list[dict], cfg: dict, workers: int, progress=None) -> dict[str, dict]:
+def run_local(chunks: list[Chunk], s: PrepSettings, plan_id: str, workers: int, progress=None) -> dict[str, dict]:
     """Run `chunks` on `workers` processes; progress: optional object with advance(bytes, tokens)."""
     results: dict[str, dict] = {}
-    order = sorted(chunks, key=lambda c: -c["est_bytes"])
+    order = sorted(chunks, key=lambda c: -c.est_bytes)
     if workers <= 1 or len(chunks) <= 1:
         for c in order:
-            results[c["id"]] = run_chunk(c, cfg, progress.advance if progress else None)
+            results[c.id] = run_chunk(c, s, plan_id, progress.advance if progress else None)
         return results
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     n = min(workers, len(chunks))
     with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as pool:
-        futures = {pool.submit(_pool_task, c, cfg): c["id"] for c in order}
+        futures = {pool.submit(_pool_task, c, s, plan_id): c.id for c in order}
         try:
             while futures:
                 done, _ = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -100,34 +102,40 @@ def _drain(q, progress) -> None:
             progress.advance(b, t)
 
 
-def map_tasks(fn, args_list: list[tuple], *, launcher: str, workers: int, folder: Path,
-              slurm: dict | None = None) -> list:
-    """fn(*args) for each args, in parallel with the given launcher (used for the merge step)."""
-    if not args_list:
-        return []
-    if launcher == "local":
-        if workers <= 1 or len(args_list) == 1:
-            return [fn(*a) for a in args_list]
-        with mp.get_context("fork").Pool(min(workers, len(args_list)), initializer=_init_worker,
-                                         initargs=(None,)) as pool:
-            return pool.starmap(fn, args_list)
+def _executor(s: PrepSettings, name: str, cpus: int):
     import submitit
 
-    executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm" if launcher == "slurm" else "local")
-    params = {"timeout_min": int((slurm or {}).get("time_min", 24 * 60)), "cpus_per_task": 1, "name": "merge"}
-    if launcher == "slurm":
-        params.update({f"slurm_{k}": v for k, v in (slurm or {}).items() if k != "time_min" and v is not None})
+    cluster = "slurm" if s.launcher == "slurm" else "local"
+    executor = submitit.AutoExecutor(folder=str(OutputDir(s.out_dir).submitit), cluster=cluster)
+    params = {"timeout_min": s.slurm_time_min, "cpus_per_task": cpus, "name": name}
+    if cluster == "slurm":
+        params.update(s.slurm)
     executor.update_parameters(**params)
+    return executor, cluster
+
+
+def map_tasks(fn, args_list: list[tuple], s: PrepSettings) -> list:
+    """fn(*args) for each args, in parallel with the run's launcher (used for the merge step)."""
+    if not args_list:
+        return []
+    if s.launcher == "local":
+        if s.workers <= 1 or len(args_list) == 1:
+            return [fn(*a) for a in args_list]
+        with mp.get_context("fork").Pool(min(s.workers, len(args_list)), initializer=_init_worker,
+                                         initargs=(None,)) as pool:
+            return pool.starmap(fn, args_list)
+    executor, cluster = _executor(s, "merge", 1)
     jobs = executor.map_array(fn, *zip(*args_list))
-    _wait(jobs, "slurm" if launcher == "slurm" else "local")
+    _wait(jobs, cluster)
     return [j.result() for j in jobs]
 
 
-def run_group(chunks: list[dict], cfg: dict, workers: int) -> list[str]:
+def run_group(chunks: list[Chunk], s: PrepSettings, plan_id: str) -> list[str]:
     """One submitit/SLURM array task: its share of the chunks on its own cores."""
-    n = workers or len(os.sched_getaffinity(0))
-    indexed_dataset()  # import before forking the pool
-    return sorted(run_local(chunks, cfg, n))
+    n = s.workers or len(os.sched_getaffinity(0))
+    indexed_dataset()  # import and load before forking the pool: the workers share them
+    load_tokenizer(s, s.encoder)
+    return sorted(run_local(chunks, s, plan_id, n))
 
 
 def _lost_tasks(jobs, missing_since: dict, grace_s: float = LOST_GRACE_S) -> list:
@@ -167,29 +175,22 @@ def _wait(jobs, cluster: str, poll=None) -> None:
         raise _task_failure("did not finish", failed)
 
 
-def run_submitit(chunks: list[dict], cfg: dict, *, cluster: str, workers: int, tasks: int,
-                 folder: Path, progress=None, slurm: dict | None = None) -> dict[str, dict]:
-    """Submit `tasks` array tasks of `workers` cores each; wait; return the chunk results."""
-    import submitit
-
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    params = {"timeout_min": int((slurm or {}).get("time_min", 24 * 60)), "cpus_per_task": workers,
-              "name": "preprocess", "tasks_per_node": 1, "nodes": 1}
+def run_submitit(chunks: list[Chunk], s: PrepSettings, plan_id: str, progress=None) -> dict[str, dict]:
+    """Submit `s.tasks` array tasks of `s.workers` cores each; wait; return the chunk results."""
+    executor, cluster = _executor(s, "preprocess", s.workers)
+    executor.update_parameters(tasks_per_node=1, nodes=1)
     if cluster == "slurm":
-        params.update({f"slurm_{k}": v for k, v in (slurm or {}).items() if k != "time_min" and v is not None})
-        params["slurm_array_parallelism"] = tasks
-    executor.update_parameters(**params)
-    ntasks = max(1, min(tasks, len(chunks)))
+        executor.update_parameters(slurm_array_parallelism=s.tasks)
+    ntasks = max(1, min(s.tasks, len(chunks)))
     groups = [chunks[i::ntasks] for i in range(ntasks)]
-    jobs = executor.map_array(run_group, groups, [cfg] * ntasks, [workers] * ntasks)
-    out_dir, seen = Path(cfg["out_dir"]), {}
-    done_dir, wanted = done_path(out_dir, "x").parent, {c["id"] for c in chunks}
+    jobs = executor.map_array(run_group, groups, [s] * ntasks, [plan_id] * ntasks)
+    layout, seen, wanted = OutputDir(s.out_dir), {}, {c.id for c in chunks}
 
     def poll():  # progress: read only result files that are new
-        for entry in os.scandir(done_dir):
+        for entry in os.scandir(layout.done_dir):
             cid = entry.name[:-5]
             if entry.name.endswith(".json") and cid in wanted and cid not in seen:
-                if (r := load_done(out_dir, cid)) is not None:
+                if (r := load_done(layout, cid, plan_id)) is not None:
                     seen[cid] = r
                     if progress:
                         progress.advance(r["bytes"], sum(s["tokens"] for s in r["splits"].values()))
@@ -197,10 +198,10 @@ def run_submitit(chunks: list[dict], cfg: dict, *, cluster: str, workers: int, t
     _wait(jobs, cluster, poll)
     results = {}
     for c in chunks:
-        r = load_done(out_dir, c["id"])
+        r = load_done(layout, c.id, plan_id)
         if r is None:
-            raise RuntimeError(f"chunk {c['id']} has no result after its job ended; run again to resume")
-        results[c["id"]] = r
-        if c["id"] not in seen and progress:
+            raise RuntimeError(f"chunk {c.id} has no result after its job ended; run again to resume")
+        results[c.id] = r
+        if c.id not in seen and progress:
             progress.advance(r["bytes"], sum(s["tokens"] for s in r["splits"].values()))
     return results

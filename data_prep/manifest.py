@@ -1,7 +1,22 @@
-"""DIR/manifest.json: what a preprocess run produced, and the readers other stages use.
+"""The output directory: the one place that names its paths, the atomic writer of its state
+files, DIR/manifest.json, and the readers other stages use.
 
-The manifest is assembled from the per-chunk results in chunk order, so everything in it except
-the `run` section (timings, worker count, launcher) is identical for identical inputs and settings.
+    DIR/manifest.json                       what the run produced (build_manifest)
+    DIR/merged/{split}_{k:05d}.{bin,idx}    the shards to train on
+    DIR/shards/{chunk}_{split}.{bin,idx}    per-chunk shards; removed once their merged shard is
+                                            written and verified (unless --keep-chunk-shards)
+    DIR/.work/plan.json                     inputs + output settings: a resume must match it
+    DIR/.work/lock                          locked (fcntl) by the running coordinator
+    DIR/.work/done/{chunk}.json             the result of a complete chunk
+    DIR/.work/merged/{split}_{k:05d}.json   a merged shard, verified (its chunk shards may be gone)
+    DIR/.work/tokenizer.json                the fast encoder's tokenizer, converted from the .model
+    DIR/.work/submitit/                     submitit logs of SLURM array tasks
+
+Every state file is written to a temporary name, fsynced and renamed (`write_json_atomic`),
+so a kill or a full disk leaves the old version or the new one, never a torn file; a file
+that does not parse is treated as absent. The manifest is assembled from the per-chunk
+results in chunk order, so everything in it except the `run` section (timings, worker count,
+launcher) and `encoder` is identical for identical inputs and settings.
 """
 
 from __future__ import annotations
@@ -9,20 +24,132 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-
-from data_prep.worker import MAX_EXAMPLES, SPLITS, shard_stem
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SPLITS = ("train", "valid")
+MAX_EXAMPLES = 5  # examples kept per rejection reason
+TMP = ".tmp"  # marks a file being written: `name.tmp<pid>`; a new run deletes leftovers
 
 
-def build_manifest(out_dir: Path, inputs: list[dict], chunks: list[dict], results: dict[str, dict],
-                   settings: dict, tokenizer: dict, unreadable: dict[int, str]) -> dict:
-    out_dir = Path(out_dir)
-    by_input: dict[int, list[dict]] = {}
+@dataclass(frozen=True)
+class OutputDir:
+    """Paths of one preprocess output directory (see the module docstring)."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def work(self) -> Path:
+        return self.root / ".work"
+
+    @property
+    def plan(self) -> Path:
+        return self.work / "plan.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.work / "lock"
+
+    @property
+    def done_dir(self) -> Path:
+        return self.work / "done"
+
+    @property
+    def merged_marks(self) -> Path:
+        return self.work / "merged"
+
+    @property
+    def tokenizer_json(self) -> Path:
+        return self.work / "tokenizer.json"
+
+    @property
+    def submitit(self) -> Path:
+        return self.work / "submitit"
+
+    @property
+    def state_dirs(self) -> tuple[Path, ...]:
+        """Directories a run creates up front (merged/ is made by the merge step)."""
+        return (self.shards_dir, self.done_dir, self.merged_marks)
+
+    @property
+    def tmp_dirs(self) -> tuple[Path, ...]:
+        """Directories that may hold `*.tmp<pid>` leftovers of a killed run."""
+        return self.state_dirs + (self.merged_dir, self.work)
+
+    def done(self, chunk_id: str) -> Path:
+        return self.done_dir / f"{chunk_id}.json"
+
+    @staticmethod
+    def chunk_prefix(chunk_id: str, split: str) -> str:
+        """Manifest prefix (relative to the root, no .bin/.idx) of a chunk's shard."""
+        return f"shards/{chunk_id}_{split}"
+
+    @staticmethod
+    def merged_prefix(split: str, k: int) -> str:
+        """Manifest prefix of the k-th merged shard of a split."""
+        return f"merged/{split}_{k:05d}"
+
+    def path(self, prefix: str) -> Path:
+        """Absolute path prefix of a manifest prefix."""
+        return self.root / prefix
+
+    def merged_mark(self, prefix: str) -> Path:
+        return self.merged_marks / f"{Path(prefix).name}.json"
+
+
+def tmp_name(path: str | Path) -> str:
+    """This process's temporary name for `path` (renamed into place when complete)."""
+    return f"{path}{TMP}{os.getpid()}"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one."""
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> dict | None:
+    """A state file's content, or None when it is absent or does not parse (torn by an older
+    version, or damaged): the caller then redoes what the file would have recorded."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def build_manifest(inputs: list[dict], chunks: list, results: dict[str, dict], settings: dict,
+                   tokenizer: dict, unreadable: dict[int, str]) -> dict:
+    """The manifest from the described inputs, the planned chunks (plan.Chunk) and their results."""
+    by_input: dict[int, list] = {}
     for c in chunks:
-        by_input.setdefault(c["input_index"], []).append(c)
+        by_input.setdefault(c.input_index, []).append(c)
     rejected: dict[str, dict] = {}
 
     def reject(reason: str, count: int, examples: list[dict]):
@@ -39,7 +166,7 @@ def build_manifest(out_dir: Path, inputs: list[dict], chunks: list[dict], result
             continue
         digests, docs, toks, line_base = [], 0, 0, 0
         for c in by_input.get(i, []):
-            r = results[c["id"]]
+            r = results[c.id]
             digests.append(r["raw_sha256"])
             for reason, rej in sorted(r["rejected"].items()):
                 reject(reason, rej["count"], [
@@ -49,8 +176,8 @@ def build_manifest(out_dir: Path, inputs: list[dict], chunks: list[dict], result
             for split in SPLITS:
                 s = r["splits"][split]
                 docs, toks = docs + s["documents"], toks + s["tokens"]
-                shards.append({"prefix": str(shard_stem(Path("."), c["id"], split)), "split": split,
-                               "chunk": c["id"], "documents": s["documents"], "tokens": s["tokens"],
+                shards.append({"prefix": OutputDir.chunk_prefix(c.id, split), "split": split,
+                               "chunk": c.id, "documents": s["documents"], "tokens": s["tokens"],
                                "bin_bytes": s["bin_bytes"]})
         checksum = hashlib.sha256("".join(digests).encode()).hexdigest()
         manifest_inputs.append(dict(entry, checksum=f"sha256-of-chunk-sha256:{checksum}",
@@ -64,16 +191,14 @@ def build_manifest(out_dir: Path, inputs: list[dict], chunks: list[dict], result
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> Path:
-    path = Path(out_dir) / MANIFEST
-    tmp = path.with_name(MANIFEST + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    path = OutputDir(out_dir).manifest
+    write_json_atomic(path, manifest)
     return path
 
 
 def load_manifest(out_dir: str | Path) -> dict:
     """The manifest of a finished preprocess run in `out_dir`."""
-    path = Path(out_dir) / MANIFEST
+    path = OutputDir(out_dir).manifest
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `python data_prep/preprocess.py ... "
                                 f"--output-dir {out_dir}` first (or it was interrupted: run it again)")
@@ -86,11 +211,15 @@ def load_manifest(out_dir: str | Path) -> dict:
 def shard_prefixes(out_dir: str | Path, split: str, *, merged: bool = True, manifest: dict | None = None) -> list[str]:
     """Absolute shard path prefixes (no .bin/.idx) of `split` ('train' or 'valid'), in
     deterministic order, for megatron-core's IndexedDataset / BlendedMegatronDatasetBuilder.
-    merged=True: the few large merged shards; False: the per-chunk shards holding documents.
+    merged=True: the few large merged shards; False: the per-chunk shards holding documents
+    (only while they exist: preprocess --keep-chunk-shards, or --merge-mb 0).
     `manifest`: out_dir's manifest when the caller already read it (else it is read here)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    root = Path(out_dir).resolve()
+    layout = OutputDir(Path(out_dir).resolve())
     m = manifest if manifest is not None else load_manifest(out_dir)
-    return [str(root / s["prefix"]) for s in (m["merged"] if merged else m["shards"])
+    if not merged and m.get("chunk_shards_removed"):
+        raise FileNotFoundError(f"{layout.root}: the per-chunk shards were removed after merging; "
+                                f"use the merged shards, or rerun preprocess with --keep-chunk-shards")
+    return [str(layout.path(s["prefix"])) for s in (m["merged"] if merged else m["shards"])
             if s["split"] == split and s["documents"] > 0]

@@ -1,84 +1,194 @@
-"""preprocess(): inputs -> checks -> chunk plan -> tokenize chunks (local or SLURM) -> manifest.
+"""preprocess(): inputs -> checks -> chunk plan -> tokenize chunks (local or SLURM) -> merge -> manifest.
 
-Every refusal (missing tokenizer, unwritable output directory, output directory holding shards
-of another tokenizer or other settings) happens before any chunk is started.
+Every refusal (missing tokenizer, bad settings, unknown input format or Parquet column,
+unwritable or busy output directory, output directory holding shards of another tokenizer or
+other settings) happens before any chunk is started. The output directory is locked
+(`fcntl.lockf` on `.work/lock`, released by the kernel when the coordinator ends, kill -9
+included), so a second run on it is refused at once. A full disk ends the run with the space
+it needs; the same command then resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
+import logging
+import math
 import os
+import shutil
+import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from data_prep import launch
-from data_prep.manifest import build_manifest, write_manifest
-from data_prep.merge import merge_complete, merge_one, plan_merge
-from data_prep.plan import auto_chunk_bytes, describe_input, plan_chunks
+from data_prep import encoders, launch
+from data_prep.manifest import TMP, OutputDir, build_manifest, read_json, write_json_atomic, write_manifest
+from data_prep.merge import merge_one, plan_merge, verified_merges
+from data_prep.plan import auto_chunk_bytes, describe_input, estimated_bytes, plan_chunks
 from data_prep.progress import Reporter
-from data_prep.readers import expand_inputs
+from data_prep.readers import ChunkReader, expand_inputs
+from data_prep.settings import LAUNCHERS, VALID_MIN_WINDOWS, PrepSettings
 from data_prep.tokenizer import Tokenizer
-from data_prep.worker import StrictError, indexed_dataset, load_done, token_dtype
+from data_prep.worker import StrictError, indexed_dataset, load_done, load_tokenizer, token_dtype
 
-LAUNCHERS = ("local", "slurm", "submitit-local")
+__all__ = ["LAUNCHERS", "DiskFullError", "RefusedError", "preprocess"]
+
+log = logging.getLogger("data_prep")
 
 
 class RefusedError(RuntimeError):
     """The run was refused before any work started; the message says what to do."""
 
 
-def _check_output_dir(out_dir: Path, fingerprint: dict) -> None:
+class DiskFullError(RuntimeError):
+    """The output file system filled up; the message says how much space the run needs."""
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+@contextlib.contextmanager
+def _locked(layout: OutputDir):
+    """Hold the output directory's lock for the run; refuse at once if another run holds it."""
+    f = open(layout.lock, "a+")
     try:
-        for sub in ("shards", ".work/done"):
-            (out_dir / sub).mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".work" / f".probe{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        raise RefusedError(f"cannot write to output directory {out_dir} ({e.strerror}); "
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RefusedError(f"{layout.root} is in use by another preprocess run ({holder}); wait for it "
+                               f"to end, or use another --output-dir") from e
+        log.warning(f"cannot lock {layout.lock} ({e.strerror}: the file system has no locks); "
+                    f"make sure no other preprocess run writes to {layout.root}")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
+def _prepare_dirs(layout: OutputDir) -> None:
+    try:
+        for d in layout.state_dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        layout.lock.touch()
+    except OSError as e:
+        raise RefusedError(f"cannot write to output directory {layout.root} ({e.strerror}); "
                            f"pass a writable --output-dir") from e
-    plan_path = out_dir / ".work" / "plan.json"
-    if plan_path.exists():
-        old = json.loads(plan_path.read_text())
-        if old["tokenizer_sha256"] != fingerprint["tokenizer_sha256"]:
-            raise RefusedError(
-                f"{out_dir} holds shards made with another tokenizer ({old['tokenizer']}, sha256 "
-                f"{old['tokenizer_sha256'][:12]}...); use a new --output-dir or delete {out_dir}")
-        if old != fingerprint:
-            diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
-            raise RefusedError(
-                f"{out_dir} holds a run with different {', '.join(diff)}; resuming needs the same "
-                f"arguments: rerun with them, or use a new --output-dir")
-    elif any((out_dir / "shards").iterdir()):
-        raise RefusedError(f"{out_dir}/shards holds files this tool did not plan (no .work/plan.json); "
-                           f"use an empty --output-dir")
-    else:
-        plan_path.write_text(json.dumps(fingerprint, indent=1))
-    for tmp in (out_dir / "shards").glob("*.tmp*"):  # partial shards of a killed run
-        tmp.unlink()
-    for tmp in (out_dir / ".work" / "done").glob("*.tmp*"):
-        tmp.unlink()
 
 
-def preprocess(inputs, tokenizer_path, output_dir, *, workers: int | None = None,
-               launcher: str = "local", text_key: str = "text", valid_fraction: float = 0.001,
-               strict: bool = False, chunk_mb: float | None = None, max_compressed_chunks: int = 16,
-               max_doc_mb: float = 16.0, batch_kb: int = 1024, tasks: int = 1, merge_mb: float = 8192.0,
-               slurm: dict | None = None, quiet: bool = False) -> dict:
+def _check_plan(layout: OutputDir, fingerprint: dict) -> None:
+    """Refuse an output directory holding another run; record this run's plan (atomically).
+    A plan.json that does not parse (torn) is rewritten: the chunk results and merge marks
+    carry the plan's id, so only those of this very plan are kept."""
+    old = read_json(layout.plan)
+    if old is not None and old != fingerprint:
+        if old.get("tokenizer_sha256") != fingerprint["tokenizer_sha256"]:
+            raise RefusedError(
+                f"{layout.root} holds shards made with another tokenizer ({old.get('tokenizer')}, sha256 "
+                f"{str(old.get('tokenizer_sha256'))[:12]}...); use a new --output-dir or delete {layout.root}")
+        diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+        raise RefusedError(
+            f"{layout.root} holds a run with different {', '.join(diff)}; resuming needs the same "
+            f"arguments: rerun with them, or use a new --output-dir")
+    if old is None:
+        if not layout.plan.exists() and any(layout.shards_dir.iterdir()):
+            raise RefusedError(f"{layout.shards_dir} holds files this tool did not plan (no {layout.plan}); "
+                               f"use an empty --output-dir")
+        write_json_atomic(layout.plan, fingerprint)
+        layout.tokenizer_json.unlink(missing_ok=True)  # a new plan may have a new tokenizer
+    for d in layout.tmp_dirs:  # partial files of a killed run
+        for tmp in d.glob(f"*{TMP}*"):
+            tmp.unlink()
+
+
+def _sample(described: list[dict], s: PrepSettings) -> tuple[list[str], float]:
+    """Documents from the start of up to SAMPLE_FILES inputs spread over the list, about
+    SAMPLE_BYTES of text in all (a longer document is cut); deterministic: the same inputs give
+    the same sample. -> (texts, document bytes per input byte read, to scale token counts)."""
+    readable = [d for d in described if d["readable"]]
+    picked = readable[::max(1, math.ceil(len(readable) / encoders.SAMPLE_FILES))]
+    budget = encoders.SAMPLE_BYTES // max(len(picked), 1)
+    texts, text_bytes, consumed = [], 0, 0
+    for d in picked:
+        reader = ChunkReader(d["path"], d["format"], d["compression"], 0, None, s.text_key, s.max_doc_bytes)
+        got = 0
+        for rec in reader:
+            if rec.text is not None:
+                texts.append(rec.text[:budget])
+                got += len(rec.data)
+            if got >= budget:
+                break
+        text_bytes, consumed = text_bytes + got, consumed + reader.consumed
+    return texts, text_bytes / max(consumed, 1)
+
+
+def _choose_encoder(s: PrepSettings, tok: Tokenizer, layout: OutputDir, sample: list[str],
+                    sample_ids: list[list[int]]) -> dict:
+    """The encoder this run uses, and why (the manifest's `encoder`)."""
+    info = {"requested": s.encoder, "used": "sentencepiece", "version": None, "fallback": None, "checked": None}
+    if s.encoder == "sentencepiece":
+        return info
+    reason = encoders.fast_unsupported(tok.model_path)
+    if reason is None:
+        try:
+            if not layout.tokenizer_json.exists():  # a new plan removes it: it may be another tokenizer's
+                encoders.prepare_tokenizer_json(tok.model_path, tok.sha256, layout.tokenizer_json)
+            fast = load_tokenizer(s, encoders.FAST)  # loaded before the workers fork: they share it
+        except Exception as e:  # noqa: BLE001 - a conversion or load failure means: not this encoder
+            reason = f"fastokens cannot load the converted tokenizer: {type(e).__name__}: {e}"
+        else:
+            if diff := encoders.check(tok.sp, fast, tok.model_path, sample, sample_ids):
+                reason = f"it gave other ids than SentencePiece: {diff}"
+    if reason:
+        log.warning(f"encoder: using sentencepiece, not fastokens: {reason} (the output is the same, only slower)")
+        return dict(info, fallback=reason)
+    checked = {"edge_cases": len(encoders.edge_cases(tok.model_path)), "documents": len(sample),
+               "bytes": sum(len(t.encode()) for t in sample)}
+    log.info(f"encoder: fastokens {encoders.fast_version()}, the same ids as SentencePiece on "
+             f"{checked['edge_cases']} edge cases and {checked['documents']} documents of the input")
+    return dict(info, used=encoders.FAST, version=encoders.fast_version(), checked=checked)
+
+
+def _resolve(s: PrepSettings, described: list[dict], tokens_per_byte: float) -> PrepSettings:
+    """Settings with chunk_mb and (for valid_tokens) valid_fraction fixed from the input."""
+    chunk_mb = s.chunk_mb or auto_chunk_bytes(described) / (1 << 20)
+    if s.valid_tokens is None:
+        return replace(s, chunk_mb=chunk_mb)
+    total = sum(estimated_bytes(d) for d in described if d["readable"]) * tokens_per_byte
+    fraction = s.valid_tokens / max(total, 1.0)
+    if fraction > 0.5:
+        raise RefusedError(f"--valid-tokens {s.valid_tokens:,} is more than half of the ~{total:,.0f} tokens "
+                           f"estimated for this input; ask for fewer")
+    return replace(s, chunk_mb=chunk_mb, valid_fraction=fraction)
+
+
+def _disk_full(layout: OutputDir, total: int, written: int, merge_room: int) -> DiskFullError:
+    free = shutil.disk_usage(layout.root).free
+    need = max(total - written, 0) + merge_room
+    return DiskFullError(
+        f"no space left on device for {layout.root} ({_size(free)} free): this run writes ~{_size(total)} of token "
+        f"shards ({_size(written)} so far) and merging needs up to ~{_size(merge_room)} more before chunk shards are "
+        f"removed, so about {_size(need)} must be free there. Free space (or move the directory), then run the "
+        f"same command again: completed chunks are kept")
+
+
+def preprocess(inputs, tokenizer_path, output_dir, **settings) -> dict:
     """Tokenize `inputs` into megatron-core shards in `output_dir`; returns the manifest.
 
-    workers: processes per node (local) or cores per array task (slurm); default all cores.
-    tasks: SLURM array tasks (nodes) for launcher 'slurm'/'submitit-local'.
-    chunk_mb: uncompressed MiB per chunk (task); None: from the total input size (plan.py).
-    merge_mb: per-chunk shards are merged into shards of about this many MiB per split.
-    slurm: partition, time_min, account, ... passed to submitit as slurm_<key>.
+    settings: the fields of data_prep.settings.PrepSettings (workers, launcher, text_key,
+    valid_fraction or valid_tokens, chunk_mb, merge_mb, encoder, keep_chunk_shards, strict, ...).
     """
     t0 = time.time()
-    if launcher not in LAUNCHERS:
-        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
-    if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
-    workers = workers or len(os.sched_getaffinity(0))
+    s = PrepSettings(out_dir=str(Path(output_dir).resolve()), tokenizer=str(tokenizer_path), **settings)
     try:
         tok = Tokenizer(tokenizer_path)
     except FileNotFoundError as e:
@@ -86,66 +196,112 @@ def preprocess(inputs, tokenizer_path, output_dir, *, workers: int | None = None
     except (OSError, RuntimeError, ValueError) as e:  # not a SentencePiece model, or no eos id
         raise RefusedError(f"cannot load tokenizer {tokenizer_path}: {e}; pass the .model file "
                            f"written by data_prep/train_tokenizer.py") from e
+    s = replace(s, tokenizer=str(tok.model_path), workers=s.workers or len(os.sched_getaffinity(0)))
     paths = expand_inputs(list(inputs) if not isinstance(inputs, (str, Path)) else [inputs])
-    described = [describe_input(p) for p in paths]
-    settings = {"text_key": text_key, "valid_fraction": valid_fraction,
-                "chunk_bytes": int(chunk_mb * (1 << 20)) if chunk_mb else auto_chunk_bytes(described),
-                "max_compressed_chunks": max_compressed_chunks,
-                "max_doc_bytes": int(max_doc_mb * (1 << 20)), "merge_bytes": int(merge_mb * (1 << 20)),
-                "dtype": token_dtype(tok.vocab_size).__name__, "eod_after_every_document": True,
-                "split_rule": "valid iff blake2b-64(UTF-8 text) < valid_fraction * 2^64"}
-    tokenizer = {"path": str(tok.model_path), "sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                 "eod": tok.eod, "pad": tok.pad}
-    fingerprint = {"tokenizer": str(tok.model_path), "tokenizer_sha256": tok.sha256, "settings": settings,
-                   "inputs": [{k: d[k] for k in ("path", "size", "mtime_ns")} for d in described]}
-    out_dir = Path(output_dir).resolve()
-    _check_output_dir(out_dir, fingerprint)
+    described = [describe_input(p, s.text_key) for p in paths]
+    layout = OutputDir(s.out_dir)
+    _prepare_dirs(layout)
+    with _locked(layout):
+        return _run(s, tok, described, layout, t0)
 
-    chunks = [c.to_dict() for c in plan_chunks(described, settings["chunk_bytes"], max_compressed_chunks)]
-    unreadable = {i: f"cannot open: {d['error']}" for i, d in enumerate(described) if not d["readable"]}
-    done = {c["id"]: r for c in chunks if (r := load_done(out_dir, c["id"])) is not None}
-    todo = [c for c in chunks if c["id"] not in done]
-    cfg = {"out_dir": str(out_dir), "tokenizer": str(tok.model_path), "text_key": text_key,
-           "valid_fraction": valid_fraction, "max_doc_bytes": settings["max_doc_bytes"],
-           "batch_bytes": batch_kb * 1024, "strict": strict}
-    if strict and unreadable:
-        i = next(iter(unreadable))
-        raise RefusedError(f"--strict: input {described[i]['path']} {unreadable[i]}")
-    if todo and launcher == "local":
+
+def _start(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputDir):
+    """Everything decided before a chunk starts: the resolved settings, the plan (refusing another
+    run's directory), the encoder. -> (settings, plan id, fingerprint, encoder info, tokens per input byte)."""
+    sample, text_per_input_byte = _sample(described, s)
+    sample_ids = tok.sp.encode(sample)  # SentencePiece's ids: the check's reference, and the token estimate
+    tokens_per_byte = text_per_input_byte * (sum(map(len, sample_ids)) + len(sample)) / \
+        max(sum(len(t.encode()) for t in sample), 1)  # per input byte, one eod per document
+    s = _resolve(s, described, tokens_per_byte)
+    fingerprint = {"tokenizer": str(tok.model_path), "tokenizer_sha256": tok.sha256,
+                   "settings": s.output_settings(token_dtype(tok.vocab_size).__name__),
+                   "inputs": [{k: d[k] for k in ("path", "size", "mtime_ns")} for d in described]}
+    plan_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    _check_plan(layout, fingerprint)
+    if s.strict and (bad := next((d for d in described if not d["readable"]), None)):
+        raise RefusedError(f"--strict: input {bad['path']} cannot be opened: {bad['error']}")
+    encoder = _choose_encoder(s, tok, layout, sample, sample_ids)
+    return replace(s, encoder=encoder["used"]), plan_id, fingerprint, encoder, tokens_per_byte
+
+
+def _run(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputDir, t0: float) -> dict:
+    s, plan_id, fingerprint, encoder, tokens_per_byte = _start(s, tok, described, layout)
+    dtype = token_dtype(tok.vocab_size)
+    chunks = plan_chunks(described, s.chunk_bytes, s.max_compressed_chunks)
+    merged_held = verified_merges(layout, plan_id)
+    done = {c.id: r for c in chunks if (r := load_done(layout, c.id, plan_id, merged_held)) is not None}
+    todo = [c for c in chunks if c.id not in done]
+    # token bytes of the whole run from the sample's tokens per byte (disk-space messages only), and
+    # the room the merge needs: up to `workers` merged shards written before their parts are removed
+    total_out = int(sum(estimated_bytes(d) for d in described if d["readable"]) * tokens_per_byte * dtype().itemsize)
+    merge_room = min(s.workers, math.ceil(total_out / max(s.merge_bytes, 1))) * min(s.merge_bytes, total_out)
+    need = total_out - sum(x["bin_bytes"] for r in done.values() for x in r["splits"].values()) + merge_room
+    if todo and (free := shutil.disk_usage(layout.root).free) < need:
+        log.warning(f"{layout.root} has {_size(free)} free; this run needs about {_size(need)} (estimated): "
+                    f"it may fill the disk")
+    if todo and s.launcher == "local":
         indexed_dataset()  # import once here, before forking: workers share it
-    total = sum(c["est_bytes"] for c in chunks)
-    progress = Reporter(total, sum(c["est_bytes"] for c in chunks if c["id"] in done), quiet=quiet)
+    t_chunks, cpu_chunks = time.time(), time.process_time()
     try:
-        if launcher == "local":
-            new = launch.run_local(todo, cfg, workers, progress)
-        else:
-            new = launch.run_submitit(
-                todo, cfg, cluster="slurm" if launcher == "slurm" else "local", workers=workers,
-                tasks=tasks, folder=out_dir / ".work" / "submitit", progress=progress, slurm=slurm)
-    finally:
-        progress.close()
-    results = {**done, **new}
-    manifest = build_manifest(out_dir, described, chunks, results, settings, tokenizer, unreadable)
-    if strict and manifest["rejected"]:  # chunks completed by an earlier non-strict run
-        reason, r = next(iter(manifest["rejected"].items()))
-        ex = r["examples"][0]
-        raise StrictError(f"{ex['file']}:{ex['line']}: {reason}: {ex['detail']} ({r['count']} such records)")
-    for tmp in (out_dir / "merged").glob("*.tmp*") if (out_dir / "merged").is_dir() else []:
-        tmp.unlink()
-    merged = plan_merge(manifest["shards"], settings["merge_bytes"])
-    launch.map_tasks(merge_one, [(str(out_dir), e, settings["dtype"]) for e in merged
-                                 if not merge_complete(out_dir, e)],
-                     launcher=launcher, workers=workers, folder=out_dir / ".work" / "submitit", slurm=slurm)
+        with Reporter(sum(c.est_bytes for c in chunks), sum(c.est_bytes for c in chunks if c.id in done),
+                      quiet=s.quiet) as progress:
+            if s.launcher == "local":
+                new = launch.run_local(todo, s, plan_id, s.workers, progress)
+            else:
+                new = launch.run_submitit(todo, s, plan_id, progress)
+        results = {**done, **new}
+        tokenizer = {"path": str(tok.model_path), "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                     "eod": tok.eod, "pad": tok.pad}
+        unreadable = {i: f"cannot open: {d['error']}" for i, d in enumerate(described) if not d["readable"]}
+        manifest = build_manifest(described, chunks, results, fingerprint["settings"], tokenizer, unreadable)
+        if s.strict and manifest["rejected"]:  # chunks completed by an earlier non-strict run
+            reason, r = next(iter(manifest["rejected"].items()))
+            ex = r["examples"][0]
+            raise StrictError(f"{ex['file']}:{ex['line']}: {reason}: {ex['detail']} ({r['count']} such records)")
+        merged = plan_merge(manifest["shards"], s.merge_bytes)
+        t_merge, cpu_merge = time.time(), time.process_time()
+        if s.merge_bytes > 0:
+            launch.map_tasks(merge_one, [(s.out_dir, e, dtype.__name__, plan_id, s.keep_chunk_shards)
+                                         for e in merged], s)
+    except (OSError, launch.TaskFailedError) as e:  # a SLURM task's error arrives as its text
+        if getattr(e, "errno", None) == errno.ENOSPC or f"[Errno {errno.ENOSPC}]" in str(e):
+            written = sum(p.stat().st_size for d in (layout.shards_dir, layout.merged_dir) for p in d.glob("*.bin"))
+            raise _disk_full(layout, total_out, written, merge_room) from e
+        raise
     manifest["merged"] = [{k: v for k, v in e.items() if k != "parts"} for e in merged]
-    elapsed = time.time() - t0
-    nbytes = sum(r["bytes"] for cid, r in new.items())
-    ntokens = sum(s["tokens"] for r in new.values() for s in r["splits"].values())
-    manifest["output_dir"] = str(out_dir)
-    manifest["run"] = {"elapsed_s": round(elapsed, 3), "workers": workers, "launcher": launcher,
-                       "tasks": tasks if launcher != "local" else 1, "bytes": nbytes,
+    manifest["chunk_shards_removed"] = any(not Path(f"{layout.path(x['prefix'])}.bin").exists()
+                                           for x in manifest["shards"] if x["documents"])
+    used = [r.get("encoder", "sentencepiece") for r in results.values()]
+    manifest["encoder"] = dict(encoder, chunks={e: used.count(e) for e in ("sentencepiece", encoders.FAST)})
+    manifest["warnings"] = _warnings(manifest, s)
+    for w in manifest["warnings"]:
+        log.warning(w)
+    t_end = time.time()
+    elapsed = t_end - t0
+    nbytes = sum(r["bytes"] for r in new.values())
+    ntokens = sum(x["tokens"] for r in new.values() for x in r["splits"].values())
+    manifest["output_dir"] = str(layout.root)
+    manifest["run"] = {"elapsed_s": round(elapsed, 3), "workers": s.workers, "launcher": s.launcher,
+                       "tasks": s.tasks if s.launcher != "local" else 1, "bytes": nbytes,
                        "tokens": ntokens, "mb_per_s": round(nbytes / elapsed / 1e6, 3),
                        "tokens_per_s": round(ntokens / elapsed, 1), "chunks": len(chunks),
                        "chunks_resumed": len(done),
-                       "worker_busy_s": round(sum(r["elapsed_s"] for r in new.values()), 3)}
-    write_manifest(out_dir, manifest)
+                       "worker_busy_s": round(sum(r["elapsed_s"] for r in new.values()), 3),
+                       "phases_s": {"start": round(t_chunks - t0, 3), "tokenize": round(t_merge - t_chunks, 3),
+                                    "merge": round(t_end - t_merge, 3)},
+                       # this process's CPU while the workers tokenize: what limits the worker count
+                       "coordinator_tokenize_cpu_s": round(cpu_merge - cpu_chunks, 3)}
+    write_manifest(layout.root, manifest)
     return manifest
+
+
+def _warnings(manifest: dict, s: PrepSettings) -> list[str]:
+    """Problems the run finished with, each with the flag that fixes it."""
+    out = []
+    valid, need = manifest["splits"]["valid"]["tokens"], VALID_MIN_WINDOWS * s.eval_length
+    if (s.valid_fraction > 0 or s.valid_tokens) and valid < need:
+        out.append(f"the valid split has {valid:,} tokens, fewer than {VALID_MIN_WINDOWS} windows of "
+                   f"--eval-length {s.eval_length:,} ({need:,} tokens): perplexity at that length would be noisy "
+                   f"or impossible. Rerun into a new --output-dir with --valid-tokens {2 * need} (or a larger "
+                   f"--valid-fraction), or pass the --eval-length you will really use")
+    return out

@@ -8,6 +8,8 @@ decompresses and discards the bytes before its start. That skip is cheap next to
 (zstd/gzip decompress at 0.3-1+ GB/s, the tokenizer at ~5 MB/s per core), but it grows with the
 position, so a compressed file gets at most `max_compressed_chunks` chunks. For the largest
 inputs prefer plain text or several compressed files (e.g. `split -C 2G`) to one huge stream.
+A Parquet file is cut at row-group boundaries into chunks of about `chunk_bytes` of (uncompressed)
+text, so one big file is not one serial task; sizes come from the file footer.
 Each chunk also hashes its own slice of the raw file, so input checksums cost no serial pass.
 """
 
@@ -18,9 +20,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_prep.readers import detect_format
+from data_prep.readers import InputError, detect_format, parquet_row_groups
 
-RATIO = {None: 1.0, "gz": 3.0, "xz": 4.0, "zst": 4.0}  # assumed uncompressed/compressed size
+RATIO = {None: 1.0, "gz": 3.0, "xz": 4.0, "zst": 4.0, "bz2": 4.0}  # assumed uncompressed/compressed size
 TARGET_CHUNKS = 16384  # enough for ~1000 workers to end together (tail loss ~ workers/chunks/2)
 MIN_CHUNK, MAX_CHUNK = 4 << 20, 256 << 20
 
@@ -28,8 +30,15 @@ MIN_CHUNK, MAX_CHUNK = 4 << 20, 256 << 20
 def auto_chunk_bytes(inputs: list[dict]) -> int:
     """Chunk size from the total input size only (never the worker count, so output bytes do
     not depend on it): ~TARGET_CHUNKS chunks, clamped to [4 MiB, 256 MiB]; 461 GB -> ~28 MB."""
-    total = sum(int(i["size"] * RATIO[i["compression"]]) for i in inputs)
+    total = sum(estimated_bytes(i) for i in inputs)
     return int(min(MAX_CHUNK, max(MIN_CHUNK, total // TARGET_CHUNKS)))
+
+
+def estimated_bytes(inp: dict) -> int:
+    """Uncompressed size of a described input (text column size for Parquet)."""
+    if inp["format"] == "parquet":
+        return sum(b for _, b in inp.get("row_groups", []))
+    return int(inp["size"] * RATIO[inp["compression"]])
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,7 @@ class Chunk:
     path: str
     kind: str
     compression: str | None
-    start: int  # uncompressed byte offsets owned: [start, end)
+    start: int  # uncompressed byte offsets owned: [start, end) (Parquet: row groups)
     end: int | None  # None: to the end of the stream
     raw_start: int  # raw (on-disk) byte range this chunk hashes
     raw_end: int
@@ -50,8 +59,9 @@ class Chunk:
         return asdict(self)
 
 
-def describe_input(path: Path) -> dict:
-    """Name, size, format, and whether it can be opened (a real open: root passes os.access)."""
+def describe_input(path: Path, text_key: str) -> dict:
+    """Name, size, format, and whether it can be opened (a real open: root passes os.access);
+    for Parquet also the row groups, read from the footer (a wrong --text-key is refused here)."""
     kind, comp = detect_format(path)
     info = {"path": str(path), "size": 0, "mtime_ns": 0, "format": kind, "compression": comp,
             "readable": True, "error": None}
@@ -60,9 +70,26 @@ def describe_input(path: Path) -> dict:
         info.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
         with open(path, "rb"):
             pass
-    except OSError as e:
-        info.update(readable=False, error=f"{e.strerror or e}")
+        if kind == "parquet":
+            info["row_groups"] = parquet_row_groups(path, text_key)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError, or pyarrow's error for a damaged footer
+        info.update(readable=False, error=f"{getattr(e, 'strerror', None) or e}")
     return info
+
+
+def _parquet_chunks(i: int, inp: dict, chunk_bytes: int) -> list[Chunk]:
+    """Consecutive row groups up to ~chunk_bytes of text per chunk (at least one group each)."""
+    groups, out, first, size = inp["row_groups"], [], 0, 0
+    for g, (_, nbytes) in enumerate(groups):
+        size += nbytes
+        if size >= chunk_bytes or g == len(groups) - 1:
+            out.append((first, g + 1, size))
+            first, size = g + 1, 0
+    n, total = len(out), inp["size"]
+    return [Chunk(f"{i:05d}-{k:05d}", i, k, inp["path"], "parquet", None, a, b,
+                  k * total // n, (k + 1) * total // n, est) for k, (a, b, est) in enumerate(out)]
 
 
 def plan_chunks(inputs: list[dict], chunk_bytes: int, max_compressed_chunks: int) -> list[Chunk]:
@@ -70,8 +97,11 @@ def plan_chunks(inputs: list[dict], chunk_bytes: int, max_compressed_chunks: int
     for i, inp in enumerate(inputs):
         if not inp["readable"]:
             continue  # reported as unreadable_file by the coordinator; no chunk can read it
+        if inp["format"] == "parquet":
+            chunks += _parquet_chunks(i, inp, chunk_bytes)
+            continue
         size, comp = inp["size"], inp["compression"]
-        est = int(size * RATIO[comp])
+        est = estimated_bytes(inp)
         n = max(1, math.ceil(est / chunk_bytes))
         if comp is not None:
             n = min(n, max_compressed_chunks)

@@ -1,16 +1,27 @@
-"""Live progress (MB/s, tokens/s, ETA) and the final summary table, with rich.
+"""What the data-prep commands print: live progress (MB/s, tokens/s, ETA), the final summary
+table (rich), and the --help format.
 
 On a terminal: a rich progress bar. Elsewhere (SLURM logs, CI): one line every `every_s` seconds.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default, except where there is none (None, or a flag that is off)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class Reporter:
@@ -49,6 +60,12 @@ class Reporter:
         if self.bar is not None:
             self.bar.stop()
 
+    def __enter__(self) -> Reporter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def print_summary(manifest: dict, console: Console | None = None) -> None:
     console = console or Console()
@@ -68,7 +85,15 @@ def print_summary(manifest: dict, console: Console | None = None) -> None:
         for reason, v in manifest["rejected"].items():  # plain lines: paths stay whole and greppable
             for ex in v["examples"][:3]:
                 print(f"  {reason}: {ex['file']}:{ex['line']}: {ex['detail'][:120]}")
+    enc = manifest.get("encoder") or {}
+    if enc.get("fallback"):
+        console.print(f"encoder: sentencepiece ({enc['requested']} requested; fastokens not used: {enc['fallback']})",
+                      markup=False)
+    elif enc:
+        console.print(f"encoder: {enc['used']}" + (f" {enc['version']}" if enc.get("version") else ""))
     run = manifest["run"]
     console.print(f"{run['bytes'] / 1e6:,.1f} MB in {run['elapsed_s']:.1f} s: {run['mb_per_s']:.2f} MB/s, "
                   f"{run['tokens_per_s'] / 1e6:.2f} M tokens/s, {run['workers']} workers ({run['launcher']}); "
                   f"{run['chunks_resumed']}/{run['chunks']} chunks were already complete")
+    if manifest.get("warnings"):
+        console.print(f"{len(manifest['warnings'])} warning(s): see above, or `warnings` in manifest.json")

@@ -2,7 +2,8 @@
 
 GPTDatasetConfig reads `.eod`, `.pad`, `.vocab_size` and `.unique_identifiers` of its tokenizer; the HF converter
 reads `.sp` / `.model_path`; the manifest records `.sha256` so that shards are never mixed
-across tokenizers. The special ids come from the model itself (see train_tokenizer.py:
+across tokenizers. `encode_batch` runs SentencePiece, or with encoder="fastokens" the fast
+exact encoder (data_prep/encoders.py: the same ids, checked before it is used). The special ids come from the model itself (see train_tokenizer.py:
 unk=0, bos=1, eod=2 `<|endoftext|>`, pad=3 `<pad>`), so any SentencePiece model with an
 eos and a pad id works.
 """
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+
+from data_prep.encoders import FAST, FastEncoder
 
 
 def file_sha256(path: str | Path) -> str:
@@ -27,7 +30,8 @@ def file_sha256(path: str | Path) -> str:
 class Tokenizer:
     """SentencePiece wrapper: `encode`, `decode`, and the special ids (`eod`, `pad`, `bos`)."""
 
-    def __init__(self, model_path: str | Path):
+    def __init__(self, model_path: str | Path, encoder: str = "sentencepiece",
+                 tokenizer_json: str | Path | None = None):
         self.model_path = Path(model_path).resolve()
         if not self.model_path.is_file():
             raise FileNotFoundError(
@@ -43,6 +47,12 @@ class Tokenizer:
         if self.eod < 0:
             raise ValueError(f"tokenizer {self.model_path} has no end-of-document (eos) id; "
                              "retrain it with data_prep/train_tokenizer.py")
+        self.tokenizer_json = tokenizer_json
+        self._fast = None
+        if encoder == FAST:
+            assert tokenizer_json is not None, "the fast encoder loads the tokenizer.json written at start-up"
+            self._fast = FastEncoder(tokenizer_json)
+        self.encoder = encoder if self._fast else "sentencepiece"
 
     @property
     def unique_identifiers(self) -> dict:
@@ -59,7 +69,10 @@ class Tokenizer:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
-        """Ids of many texts in one C++ call; int32 arrays, no Python int per token."""
+        """Ids of many texts in one native call (SentencePiece's C++ or the fast encoder's Rust);
+        integer arrays, no Python int per token."""
+        if self._fast is not None:
+            return self._fast.encode_batch(texts)
         return self.sp.encode(texts, out_type="numpy", num_threads=num_threads)
 
     def decode(self, ids) -> str:
@@ -75,10 +88,11 @@ class Tokenizer:
         return self.vocab_size
 
     def __getstate__(self):
-        return {"model_path": str(self.model_path)}
+        return {"model_path": str(self.model_path), "encoder": self.encoder, "tokenizer_json": self.tokenizer_json}
 
     def __setstate__(self, state):
-        self.__init__(state["model_path"])
+        self.__init__(**state)
 
     def __repr__(self) -> str:
-        return f"Tokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size}, eod={self.eod})"
+        return (f"Tokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size}, eod={self.eod}, "
+                f"encoder={self.encoder})")

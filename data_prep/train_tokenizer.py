@@ -17,11 +17,13 @@ import argparse
 import hashlib
 import heapq
 import json
+import os
 import time
 from pathlib import Path
 
 import sentencepiece as spm
 
+from data_prep.progress import HelpFormatter
 from data_prep.readers import ChunkReader, detect_format, expand_inputs
 
 EOD_PIECE, PAD_PIECE = "<|endoftext|>", "<pad>"
@@ -72,7 +74,6 @@ def train_tokenizer(inputs, vocab_size: int = 50304, output_prefix: str | Path =
     docs, stats = sample_documents(paths, int(sample_mb * 1e6), seed, text_key)
     if not docs:
         raise ValueError(f"no usable document in {[str(p) for p in paths]}; check --text-key")
-    import os
     settings = dict(
         model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
         character_coverage=character_coverage, normalization_rule_name="identity",
@@ -93,15 +94,22 @@ def train_tokenizer(inputs, vocab_size: int = 50304, output_prefix: str | Path =
     return model
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
-    ap.add_argument("--vocab-size", type=int, default=50304, help="a multiple of 128 is fastest")
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--input", nargs="+", required=True, help="input files, directories or globs (any format "
+                    "preprocess.py reads)")
+    ap.add_argument("--vocab-size", type=int, default=50304, help="pieces in the model; a multiple of 128 is fastest")
     ap.add_argument("--output", required=True, help="PREFIX: writes PREFIX.model/.vocab/.json")
-    ap.add_argument("--sample-mb", type=float, default=1024.0, help="sample budget (RAM bound)")
-    ap.add_argument("--text-key", default="text")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    ap.add_argument("--sample-mb", type=float, default=1024.0,
+                    help="MB of documents sampled uniformly from all inputs to train on (bounds RAM)")
+    ap.add_argument("--text-key", default="text", help="JSON key or Parquet column holding the text")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sample's hash keys")
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     model = train_tokenizer(args.input, args.vocab_size, args.output, sample_mb=args.sample_mb,
                             seed=args.seed, text_key=args.text_key)
     print(f"wrote {model} (vocab {args.vocab_size}); settings and sample stats in "

@@ -68,7 +68,8 @@ def build_data(out: Path, s: Settings) -> tuple[Path, Path]:
         train_tokenizer(sorted(corpus.glob("default.*")), vocab, tok.with_suffix(""), sample_mb=2 * s.corpus_mb)
     data = out / "data"
     if not (data / "manifest.json").is_file():
-        m = preprocess(sorted(corpus.glob("default.*")), tok, data, valid_fraction=0.05, quiet=True)
+        m = preprocess(sorted(corpus.glob("default.*")), tok, data, valid_fraction=0.05, quiet=True,
+                       eval_length=max(s.length_multipliers) * s.seq_length)  # sizes the valid-split warning
         print(f"tokens: train {m['splits']['train']['tokens']}, valid {m['splits']['valid']['tokens']}")
     print(f"done in {time.time() - t:.0f} s: {data}")
     return tok, data

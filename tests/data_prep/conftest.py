@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import io
@@ -39,6 +40,8 @@ def raw_bytes(path: Path) -> bytes:
         return gzip.decompress(data)
     if name.endswith(".xz"):
         return lzma.decompress(data)
+    if name.endswith(".bz2"):
+        return bz2.decompress(data)
     if name.endswith(".zst"):
         return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True).read()
     return data
@@ -47,7 +50,7 @@ def raw_bytes(path: Path) -> bytes:
 def reference_docs(path: Path, text_key: str = "text") -> list[str]:
     """Good documents of an input, parsed independently of data_prep.readers."""
     data = raw_bytes(path)
-    if ".jsonl" in Path(path).name:
+    if ".json" in Path(path).name:
         docs = []
         for line in data.split(b"\n"):
             if not line.strip():

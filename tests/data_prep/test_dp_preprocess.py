@@ -34,7 +34,8 @@ def read_split(out_dir, split, merged=True) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def run1(corpus, tokenizer_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("run1")
-    m = preprocess(corpus, tokenizer_model, out, workers=1, valid_fraction=VALID, chunk_mb=CHUNK_MB, quiet=True)
+    m = preprocess(corpus, tokenizer_model, out, workers=1, valid_fraction=VALID, chunk_mb=CHUNK_MB,
+                   keep_chunk_shards=True, quiet=True)
     return out, m
 
 
@@ -92,7 +93,8 @@ def test_gpt_dataset_reads_the_shards(run1, tokenizer_model):
 
 def test_workers_1_vs_2_byte_identical(corpus, tokenizer_model, run1, tmp_path):
     out1, m1 = run1
-    m2 = preprocess(corpus, tokenizer_model, tmp_path, workers=2, valid_fraction=VALID, chunk_mb=CHUNK_MB, quiet=True)
+    m2 = preprocess(corpus, tokenizer_model, tmp_path, workers=2, valid_fraction=VALID, chunk_mb=CHUNK_MB,
+                    keep_chunk_shards=True, quiet=True)
     assert shard_bytes(tmp_path) == shard_bytes(out1)
     strip = lambda m: {k: v for k, v in m.items() if k not in ("run", "output_dir")}  # noqa: E731
     assert strip(m2) == strip(m1)
@@ -102,7 +104,7 @@ def test_workers_1_vs_2_byte_identical(corpus, tokenizer_model, run1, tmp_path):
 def test_submitit_local_launcher_byte_identical(corpus, tokenizer_model, run1, tmp_path):
     out1, m1 = run1
     m = preprocess(corpus, tokenizer_model, tmp_path, workers=1, tasks=2, launcher="submitit-local",
-                   valid_fraction=VALID, chunk_mb=CHUNK_MB, quiet=True)
+                   valid_fraction=VALID, chunk_mb=CHUNK_MB, keep_chunk_shards=True, quiet=True)
     assert (tmp_path / ".work" / "submitit").is_dir()
     assert shard_bytes(tmp_path) == shard_bytes(out1)
     assert m["splits"] == m1["splits"]
@@ -111,6 +113,36 @@ def test_submitit_local_launcher_byte_identical(corpus, tokenizer_model, run1, t
 def test_rerun_is_a_no_op_and_manifest_loads(corpus, tokenizer_model, run1):
     out, m1 = run1
     before = shard_bytes(out)
-    m = preprocess(corpus, tokenizer_model, out, workers=1, valid_fraction=VALID, chunk_mb=CHUNK_MB, quiet=True)
+    m = preprocess(corpus, tokenizer_model, out, workers=1, valid_fraction=VALID, chunk_mb=CHUNK_MB,
+                   keep_chunk_shards=True, quiet=True)
     assert m["run"]["chunks_resumed"] == m["run"]["chunks"] and m["run"]["bytes"] == 0
     assert shard_bytes(out) == before and load_manifest(out)["splits"] == m1["splits"]
+
+
+def test_chunk_shards_are_removed_once_merged_and_no_bin_is_empty(corpus, tokenizer_model, run1, tmp_path):
+    out1, m1 = run1  # --keep-chunk-shards
+    m = preprocess(corpus, tokenizer_model, tmp_path, workers=2, valid_fraction=VALID, chunk_mb=CHUNK_MB, quiet=True)
+    assert not list((tmp_path / "shards").iterdir()) and m["chunk_shards_removed"] and not m1["chunk_shards_removed"]
+    assert shard_bytes(tmp_path) == {k: v for k, v in shard_bytes(out1).items() if k.startswith("merged/")}
+    with pytest.raises(FileNotFoundError, match="--keep-chunk-shards"):
+        shard_prefixes(tmp_path, "train", merged=False)
+    m2 = preprocess(corpus, tokenizer_model, tmp_path, workers=1, valid_fraction=VALID, chunk_mb=CHUNK_MB, quiet=True)
+    assert m2["run"]["chunks_resumed"] == m2["run"]["chunks"] and m2["merged"] == m["merged"]  # nothing redone
+    # megatron-core cannot open an empty .bin: a chunk without valid documents has no valid shard
+    bins = [*out1.glob("*/*.bin"), *tmp_path.glob("*/*.bin")]
+    assert bins and all(p.stat().st_size > 0 for p in bins)
+    assert sum(s["documents"] == 0 for s in m1["shards"]) > 0
+
+
+def test_valid_tokens_sizes_the_split_and_a_small_split_is_warned_about(corpus, tokenizer_model, tmp_path, caplog):
+    m = preprocess(corpus, tokenizer_model, tmp_path / "a", workers=1, valid_tokens=40_000, eval_length=1024,
+                   quiet=True)
+    total = m["splits"]["train"]["tokens"] + m["splits"]["valid"]["tokens"]
+    assert 20_000 < m["splits"]["valid"]["tokens"] < 80_000 and m["warnings"] == []
+    assert m["settings"]["valid_tokens"] == 40_000 and 0.5 < m["settings"]["valid_fraction"] * total / 40_000 < 2
+    m = preprocess(corpus, tokenizer_model, tmp_path / "b", workers=1, valid_fraction=0.01, eval_length=2048,
+                   quiet=True)
+    valid = m["splits"]["valid"]["tokens"]
+    assert valid < 4 * 2048 and len(m["warnings"]) == 1
+    assert f"the valid split has {valid:,} tokens" in m["warnings"][0] and "--valid-tokens 16384" in m["warnings"][0]
+    assert m["warnings"][0] in caplog.text  # logged at the end of the run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,18 +53,23 @@ def test_refusals(corpus, tokenizer_model, tmp_path):
     assert r.returncode == 2 and "refused" in r.stderr and "train_tokenizer.py" in r.stderr
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_is_byte_identical(corpus, tokenizer_model, tmp_path):
-    big = tmp_path / "big.jsonl"  # ~1 MB: long enough to be killed in the middle
-    with open(big, "w") as f:
-        for rep in range(5):
+def big_input(corpus, path: Path, copies: int) -> Path:
+    """Copies of the first corpus file's documents, each copy tagged (~0.2 MB per copy)."""
+    with open(path, "w") as f:
+        for rep in range(copies):
             for line in corpus[0].read_text().splitlines():
                 d = json.loads(line)
                 f.write(json.dumps({"text": f"[copy {rep}] " + d["text"]}) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_byte_identical(corpus, tokenizer_model, tmp_path):
+    big = big_input(corpus, tmp_path / "big.jsonl", 5)  # ~1 MB: long enough to be killed in the middle
     args = dict(workers=2, valid_fraction=0.05, chunk_mb=0.05)
     cli = [sys.executable, "data_prep/preprocess.py", "--input", str(big), "--tokenizer", str(tokenizer_model),
            "--output-dir", str(tmp_path / "killed"), "--workers", "2", "--valid-fraction", "0.05",
-           "--chunk-mb", "0.05", "--quiet"]
+           "--chunk-mb", "0.05", "--encoder", "sentencepiece", "--quiet"]
     proc = subprocess.Popen(cli, cwd=REPO, start_new_session=True)
     done_dir = tmp_path / "killed" / ".work" / "done"
     deadline = time.time() + 120
@@ -86,3 +92,69 @@ def test_kill_9_then_resume_is_byte_identical(corpus, tokenizer_model, tmp_path)
     assert shard_bytes(tmp_path / "killed") == shard_bytes(tmp_path / "ref")
     assert not list((tmp_path / "killed" / "shards").glob("*.tmp*"))
     assert m["splits"] == ref["splits"]
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_directory_is_refused(corpus, tokenizer_model, tmp_path):
+    big = big_input(corpus, tmp_path / "big.jsonl", 10)
+    cli = [sys.executable, "data_prep/preprocess.py", "--input", str(big), "--tokenizer", str(tokenizer_model),
+           "--output-dir", str(tmp_path / "out"), "--workers", "1", "--encoder", "sentencepiece", "--quiet"]
+    first = subprocess.Popen(cli, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    lock, deadline = tmp_path / "out" / ".work" / "lock", time.time() + 60
+    while not (lock.exists() and lock.read_text()) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.02)  # until the first run holds the directory
+    second = subprocess.run(cli, cwd=REPO, capture_output=True, text=True)
+    assert first.poll() is None, "the first run ended before the second started"
+    assert second.returncode == 2, second.stderr
+    assert f"in use by another preprocess run (pid {first.pid} on" in second.stderr
+    assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    assert first.wait() == 0, first.stderr.read()
+    assert preprocess([big], tokenizer_model, tmp_path / "out", workers=1, quiet=True)["run"]["bytes"] == 0
+
+
+def test_torn_state_files_are_redone_not_trusted(corpus, tokenizer_model, tmp_path):
+    args = dict(workers=1, valid_fraction=0.05, chunk_mb=0.05, quiet=True)
+    preprocess(corpus, tokenizer_model, tmp_path / "ref", **args)
+    out = tmp_path / "out"
+    preprocess(corpus, tokenizer_model, out, **args)
+    plan = out / ".work" / "plan.json"
+    plan.write_bytes(plan.read_bytes()[: plan.stat().st_size // 2])  # as a crash or a full disk left it
+    done = sorted((out / ".work" / "done").glob("*.json"))
+    done[3].write_bytes(done[3].read_bytes()[:10])
+    m = preprocess(corpus, tokenizer_model, out, **args)
+    assert m["run"]["chunks_resumed"] == m["run"]["chunks"] - 1  # only the torn chunk is redone
+    assert shard_bytes(out) == shard_bytes(tmp_path / "ref")
+    assert json.loads(plan.read_text())["tokenizer_sha256"] == m["tokenizer"]["sha256"]
+
+
+_FULL_DISK = """
+import errno, sys
+from data_prep.worker import indexed_dataset
+builder, calls = indexed_dataset().IndexedDatasetBuilder, []
+real = builder.add_document
+def add_document(self, *args, **kwargs):  # the disk fills up after 40 documents
+    calls.append(1)
+    if len(calls) > 40:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(self, *args, **kwargs)
+builder.add_document = add_document
+from data_prep.preprocess import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_says_how_much_space_is_needed_and_the_rerun_resumes(corpus, tokenizer_model, tmp_path):
+    args = dict(workers=1, valid_fraction=0.05, chunk_mb=0.05, quiet=True)
+    ref = preprocess(corpus, tokenizer_model, tmp_path / "ref", **args)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", _FULL_DISK, "--input", *map(str, corpus), "--tokenizer",
+                        str(tokenizer_model), "--output-dir", str(out), "--workers", "1", "--valid-fraction", "0.05",
+                        "--chunk-mb", "0.05", "--quiet"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"no space left on device for {out}" in r.stderr and " must be free there" in r.stderr
+    assert re.search(r"about \d+\.\d+ [MG]B must be free", r.stderr)
+    assert not list(out.glob("*/*.tmp*"))  # the partial shards were removed at once
+    m = preprocess(corpus, tokenizer_model, out, **args)
+    assert 0 < m["run"]["chunks_resumed"] < m["run"]["chunks"]
+    assert shard_bytes(out) == shard_bytes(tmp_path / "ref") and m["splits"] == ref["splits"]
