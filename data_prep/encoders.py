@@ -4,7 +4,7 @@ before it is used, and never used where it could give different ids.
 
 Why fastokens: on this project's tokenizers it gave SentencePiece's ids on every document of
 ~50 MB of prose and code at 8-15x SentencePiece's per-core rate; gigatoken was 6.5-7.8x and,
-as shipped, turns the text `<s>` into the BOS id (docs/reference-dataprep.md).
+as shipped, turns the text `<s>` into the BOS id (docs/reference.md §10).
 
 The fast path is used only when
   1. the model's settings are ones it is known to be exact for (`fast_unsupported`): a BPE model,
