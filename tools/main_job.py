@@ -18,8 +18,6 @@ import shutil
 import time
 from pathlib import Path
 
-from tools import main_pipeline as mp
-
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -28,6 +26,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="training steps per model; None: the configs' (1000; --quick: 16)")
     ap.add_argument("--fresh", action="store_true", help="delete OUTPUT first instead of reusing finished stages")
     args = ap.parse_args(argv)
+    from tools import main_pipeline as mp  # torch and the pipeline: after --help
+
     s = mp.QUICK if args.quick else mp.FULL
     if args.steps:
         s = mp.Settings(**{**s.__dict__, "overrides": (*s.overrides, f"train.steps={args.steps}",
