@@ -51,7 +51,7 @@ def preflight(cfg: Config, env: DistEnv, run_dir: Path) -> Plan:
     except ConfigError as e:
         errors += e.errors
     layout = Layout.of(cfg, env.world_size)
-    if not errors:
+    if not errors and cfg.checkpoint.enabled:
         try:
             found = checkpoint.find_checkpoint(run_dir)
         except checkpoint.CheckpointError as e:
@@ -84,16 +84,17 @@ def validate_ppl(trainer, cfg: Config, tokens: torch.Tensor) -> dict[int, float]
         if trainer.pp > 1:
             mean = trainer.pipeline_mean_nll([(x[i : i + 1], y[i : i + 1]) for i in range(x.shape[0])])
         else:
-            # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively):
-            # ranks short of a window repeat window 0 with weight 0.
-            per_rank = -(-x.shape[0] // dp)
+            # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively),
+            # each of exactly micro_batch_size windows (a compiled kernel sees one shape per
+            # length): the slots past the last window repeat window 0 with weight 0.
+            mb = cfg.train.micro_batch_size
+            per_rank = -(-x.shape[0] // (dp * mb)) * mb
             idx = torch.arange(per_rank) * dp + dp_rank  # [per_rank]
             weight = (idx < x.shape[0]).double()
             idx = torch.where(idx < x.shape[0], idx, 0)
             total = torch.zeros(2, dtype=torch.float64, device=accelerator_device())
-            mb = cfg.train.micro_batch_size
             for i in range(0, per_rank, mb):
-                nll = trainer.nll(x[idx[i : i + mb]], y[idx[i : i + mb]]).double()  # [b, length]
+                nll = trainer.nll(x[idx[i : i + mb]], y[idx[i : i + mb]]).double()  # [mb, length]
                 w = weight[i : i + mb].to(nll.device)
                 total[0] += (nll.sum(dim=1) * w).sum()
                 total[1] += w.sum() * length
@@ -122,7 +123,7 @@ def train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest | None = N
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     trainer = Trainer(cfg, layout)
-    meta = checkpoint.resume(trainer, plan.checkpoint) or {}
+    meta = checkpoint.resume(trainer, plan.checkpoint) or {}  # None without checkpoint.enabled
     step, bad_in_row, skipped = meta.get("step", 0), meta.get("bad_in_row", 0), meta.get("skipped_total", 0)
     reader = data.BatchReader(data.build_train_dataset(cfg, plan.data), cfg, ps.get_data_parallel_rank(),
                               ps.get_data_parallel_world_size())
@@ -131,10 +132,14 @@ def train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest | None = N
         first = plan.data.sources[0]
         val_tokens = data.split_tokens(first.path, "valid", cfg.validation.tokens, first.manifest)
     logger = MetricsLogger(cfg, run_dir, env.rank, step)
+    logger.log_setup(step, {"attention_kernel": trainer.attention_kernel, "device": accelerator_device(),
+                            "precision": "bf16" if trainer.engine.bfloat16_enabled() else "fp32",
+                            "world_size": layout.world_size})
 
     def save(at: int) -> None:
-        checkpoint.save_checkpoint(trainer, run_dir, at, {"bad_in_row": bad_in_row, "skipped_total": skipped},
-                                   tokenizer)
+        if cfg.checkpoint.enabled:  # off for benchmarks: a 1.3B checkpoint is ~22 GB
+            checkpoint.save_checkpoint(trainer, run_dir, at, {"bad_in_row": bad_in_row, "skipped_total": skipped},
+                                       tokenizer)
 
     t_log, steps_since_log = time.time(), 0
     while step < cfg.train.steps:
@@ -161,15 +166,18 @@ def train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest | None = N
         if bad_in_row >= cfg.train.max_bad_steps:
             save(step)
             logger.close()
+            where = (f"checkpoint written to {checkpoint.checkpoints_dir(run_dir)}" if cfg.checkpoint.enabled
+                     else "no checkpoint (checkpoint.enabled=false)")
             raise TrainingError(
                 f"{bad_in_row} non-finite losses in a row (train.max_bad_steps={cfg.train.max_bad_steps}) at "
-                f"step {step}; checkpoint written to {checkpoint.checkpoints_dir(run_dir)}. Lower optim.lr, "
-                "raise optim.warmup_steps or check the data, then resume from the checkpoint.")
+                f"step {step}; {where}. Lower optim.lr, raise optim.warmup_steps or check the data, then "
+                "resume from the checkpoint.")
         signum = stop.agreed()
         if signum or step % cfg.checkpoint.save_interval == 0 or step == cfg.train.steps:
             save(step)
         if signum:
-            print(f"rank {env.rank}: signal {signal.Signals(signum).name}: checkpoint at step {step} written, "
+            saved = "written" if cfg.checkpoint.enabled else "not written (checkpoint.enabled=false)"
+            print(f"rank {env.rank}: signal {signal.Signals(signum).name}: checkpoint at step {step} {saved}, "
                   "exiting 0 for requeue", flush=True)
             break
     logger.close()

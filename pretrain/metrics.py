@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from pretrain.config import Config, to_dict
-from pretrain.parallel import Layout
+from pretrain.parallel import Layout, use_gpu
 
 
 def flops_per_token(cfg: Config, seq_length: int | None = None) -> float:
@@ -48,7 +48,7 @@ def throughput(cfg: Config, layout: Layout, step_time_s: float) -> dict[str, flo
 
 def peak_memory_gb() -> float:
     """Peak accelerator memory (GPU), else the process's peak resident set (CPU)."""
-    if torch.cuda.is_available():
+    if use_gpu():
         return torch.cuda.max_memory_allocated() / 1024**3
     import resource
 
@@ -99,6 +99,16 @@ class MetricsLogger:
         self.file.flush()
         if self.run is not None:
             self.run.log(record)
+
+    def log_setup(self, step: int, info: dict[str, Any]) -> None:
+        """What this run is running on (device, precision, attention kernel): one `kind: "setup"`
+        record in metrics.jsonl per start, and the wandb run's config."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"time": time.time(), "step": step, "kind": "setup", **info}) + "\n")
+        self.file.flush()
+        if self.run is not None:
+            self.run.config.update(info, allow_val_change=True)
 
     def log_validation(self, step: int, ppl: dict[int, float]) -> None:
         """ppl: {length: perplexity}. To metrics.jsonl as `val/ppl_at_<length>`, and to wandb as one

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -39,7 +39,9 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from pretrain.config import ModelConfig
 
 from .alibi import AlibiBias
-from .attention import KERNELS, CoreAttention, ScoreBias
+from pretrain.parallel import use_gpu
+
+from .attention import AUTO_ORDER, KERNELS, SLOPES_ONLY, CoreAttention, ScoreBias, kernel_unavailable
 from .sinusoidal import SinusoidalEmbedding
 
 log = logging.getLogger(__name__)
@@ -76,19 +78,37 @@ POSITIONS: dict[str, PositionSpec] = {
 }
 
 
-def resolve_backend(requested: str) -> str:
-    """auto -> flex on CUDA, sdpa elsewhere (FlexAttention's backward needs CUDA)."""
+def resolve_backend(requested: str, positions: Iterable[str] = ()) -> str:
+    """The attention kernel for `requested` (config `model.attention_backend`) that serves every
+    position method in `positions`. auto: on a GPU the first of attention.AUTO_ORDER that can run
+    here (FlashAttention-2 only where the score bias is ALiBi slopes or none), on a CPU sdpa
+    (FlexAttention's backward needs CUDA). Logged once."""
     if requested not in ("auto", *KERNELS):
         raise ValueError(f"attention_backend={requested!r} must be one of auto, {', '.join(KERNELS)}")
-    backend = requested if requested != "auto" else ("flex" if torch.cuda.is_available() else "sdpa")
-    _log_once(requested, backend)
+    gpu = use_gpu()
+    slopes_ok = all(POSITIONS[p].score_bias in (None, _alibi) for p in positions)
+    if requested in SLOPES_ONLY and not slopes_ok:
+        raise ValueError(f"attention_backend={requested} adds ALiBi slopes only; position(s) {sorted(positions)} "
+                         "need another score bias: use flex or auto")
+    if requested == "auto":
+        candidates = [k for k in AUTO_ORDER if slopes_ok or k not in SLOPES_ONLY] if gpu else ["sdpa"]
+        reasons = {k: kernel_unavailable(k, gpu) for k in candidates}
+        backend = next(k for k in [*candidates, "sdpa"] if not reasons.get(k))
+        skipped = "; ".join(f"{k}: {r}" for k, r in reasons.items() if r and k != backend)
+    else:
+        backend, skipped = requested, ""
+        reason = kernel_unavailable(requested, gpu)
+        if reason and requested != "flex":  # flex: forward-only evaluation works on a CPU
+            raise ValueError(f"attention_backend={requested} {reason}; use auto")
+    _log_once(requested, backend, gpu, skipped)
     return backend
 
 
 @functools.cache
-def _log_once(requested: str, backend: str) -> None:
-    log.info("attention backend: %s (requested %s, CUDA available: %s)", backend, requested, torch.cuda.is_available())
-    if backend == "flex" and not torch.cuda.is_available():
+def _log_once(requested: str, backend: str, gpu: bool, skipped: str) -> None:
+    log.info("attention backend: %s (requested %s, GPU: %s)%s", backend, requested, gpu,
+             f"; not available: {skipped}" if skipped else "")
+    if backend == "flex" and not gpu:
         log.warning("attention_backend=flex without CUDA: forward only (torch has no CPU FlexAttention "
                     "backward), and each new length compiles for 20-45 s; use sdpa to train on CPU")
 

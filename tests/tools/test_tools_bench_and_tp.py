@@ -43,6 +43,7 @@ def test_benchmark_mode_table_json_and_chart(quick_job, tmp_path):
     md = (tmp_path / "benchmark.md").read_text()
     assert "attention kernel for all runs: sdpa" in md and "| tiny_alibi@64 / tiny_sinusoidal@128 |" in md
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
+    assert not list(tmp_path.rglob("checkpoints"))  # benchmark runs write none
 
 
 @pytest.mark.parametrize("layout", ["--tp", "--pp"])
