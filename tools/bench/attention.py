@@ -100,7 +100,7 @@ def measure(fn, q, k, v, backward: bool, iters: int, dev: str) -> tuple[float, f
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="sequence lengths L")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths L; None: 1024 2048 (--smoke: 64 128)")
     ap.add_argument("--heads", type=int, default=16, help="attention heads (the 1.3B model: 16)")
     ap.add_argument("--head-dim", type=int, default=128, help="head dimension (the 1.3B model: 128)")
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per batch (b = tokens // L)")
@@ -111,9 +111,10 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
-        args.lengths, args.heads, args.head_dim, args.tokens, args.iters = [64, 128], 4, 16, 512, 2
+        args.lengths, args.heads, args.head_dim, args.tokens, args.iters = args.lengths or [64, 128], 4, 16, 512, 2
     elif dev == "cpu":
         ap.error("no CUDA device: the full benchmark needs a GPU; use --smoke for a CPU run")
+    args.lengths = args.lengths or [1024, 2048]
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     rows = []
     for L in args.lengths:
