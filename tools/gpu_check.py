@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         records[name] = run_stage(name, STAGES[name], args.out, args.smoke, env)
         print(f"  {name}: {records[name]['status']} in {records[name]['seconds']} s", flush=True)
     comparison = paper_comparison(records)
-    report = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-              "smoke": args.smoke, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "stages": records,
+    report = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "python": platform.python_version(), "smoke": args.smoke, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "stages": records,
               "alibi_vs_sinusoidal": comparison}
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
 

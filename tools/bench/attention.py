@@ -100,13 +100,15 @@ def measure(fn, q, k, v, backward: bool, iters: int, dev: str) -> tuple[float, f
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths L; None: 1024 2048 (--smoke: 64 128)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None,
+                    help="sequence lengths L; None: 1024 2048 (--smoke: 64 128)")
     ap.add_argument("--heads", type=int, default=16, help="attention heads (the 1.3B model: 16)")
     ap.add_argument("--head-dim", type=int, default=128, help="head dimension (the 1.3B model: 128)")
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per batch (b = tokens // L)")
     ap.add_argument("--iters", type=int, default=20, help="timed calls per variant (the median is reported)")
     ap.add_argument("--smoke", action="store_true", help="tiny run on the CPU (L 64/128, 4 heads of 16, fp32)")
-    ap.add_argument("--contiguous", action="store_true", help="contiguous [b, h, L, d] inputs instead of the model's strided views")
+    ap.add_argument("--contiguous", action="store_true",
+                    help="contiguous [b, h, L, d] inputs instead of the model's strided views")
     ap.add_argument("--out", default="bench_attention.json", help="JSON results file")
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -143,8 +145,8 @@ def main(argv=None) -> list[dict]:
             out = r.pop("_out")
             r["max_abs_diff_vs_ref"] = (out.float() - refs[r["alibi"]].float()).abs().max().item()
             r["x_ceiling"] = r["ms"] / ceiling if ceiling and r["mode"] == "fwd+bwd" else None
-            family = next((x for x in here if not x["alibi"] and x["variant"] == r["variant"].replace("alibi-", "sinusoidal-")
-                           and r["variant"].startswith("alibi-")), None)
+            twin = r["variant"].replace("alibi-", "sinusoidal-") if r["variant"].startswith("alibi-") else None
+            family = next((x for x in here if x["variant"] == twin), None)
             r["x_family"] = r["ms"] / family["ms"] if family else None
         rows += here
     device = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
