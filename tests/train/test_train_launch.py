@@ -30,6 +30,21 @@ def test_each_task_gets_a_gpu_it_can_see():
         cuda_device(0, 0)
 
 
+def test_ds_accelerator_cpu_keeps_a_gpu_machine_on_the_cpu(monkeypatch):
+    """The one switch behind backend, bf16, kernel and memory readings: a GPU machine runs on the
+    GPU unless DS_ACCELERATOR names another accelerator (the CPU tests set cpu)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for value, gpu in ((None, True), ("cuda", True), ("cpu", False)):
+        if value is None:
+            monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+        else:
+            monkeypatch.setenv("DS_ACCELERATOR", value)
+        assert parallel.use_gpu() is gpu, value
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    assert parallel.use_gpu() is False
+
+
 def test_srun_task_with_one_visible_gpu_selects_device_0(monkeypatch):
     """What init_model_parallel does on a node with --gpus-per-task=1 (simulated: one visible
     GPU, task 3 of 4): set_device(0), not set_device(LOCAL_RANK=3), then nccl."""
