@@ -132,9 +132,8 @@ def train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest | None = N
         first = plan.data.sources[0]
         val_tokens = data.split_tokens(first.path, "valid", cfg.validation.tokens, first.manifest)
     logger = MetricsLogger(cfg, run_dir, env.rank, step)
-    logger.log_setup(step, {"attention_kernel": trainer.attention_kernel, "device": accelerator_device(),
-                            "precision": "bf16" if trainer.engine.bfloat16_enabled() else "fp32",
-                            "world_size": layout.world_size})
+    logger.describe_run({"attention_kernel": trainer.attention_kernel, "device": accelerator_device(),
+                         "precision": "bf16" if trainer.engine.bfloat16_enabled() else "fp32"})
 
     def save(at: int) -> None:
         if cfg.checkpoint.enabled:  # off for benchmarks: a 1.3B checkpoint is ~22 GB

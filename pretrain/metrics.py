@@ -61,6 +61,7 @@ class MetricsLogger:
     def __init__(self, cfg: Config, run_dir: Path, rank: int, start_step: int):
         self.enabled = rank == 0
         self.run = None
+        self.run_info: dict[str, Any] = {}
         self.val_history: list[tuple[int, dict[int, float]]] = []
         self.bar = None
         if not self.enabled:
@@ -95,18 +96,15 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"time": time.time(), **record}
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps({**record, **self.run_info}) + "\n")
         self.file.flush()
         if self.run is not None:
             self.run.log(record)
 
-    def log_setup(self, step: int, info: dict[str, Any]) -> None:
-        """What this run is running on (device, precision, attention kernel): one `kind: "setup"`
-        record in metrics.jsonl per start, and the wandb run's config."""
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({"time": time.time(), "step": step, "kind": "setup", **info}) + "\n")
-        self.file.flush()
+    def describe_run(self, info: dict[str, Any]) -> None:
+        """What this run runs on (device, precision, attention kernel): added to every training
+        record of metrics.jsonl (a requeued job may land elsewhere) and to the wandb run's config."""
+        self.run_info = dict(info)
         if self.run is not None:
             self.run.config.update(info, allow_val_change=True)
 
