@@ -37,10 +37,9 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from pretrain.config import ModelConfig
-
-from .alibi import AlibiBias
 from pretrain.parallel import use_gpu
 
+from .alibi import AlibiBias
 from .attention import AUTO_ORDER, KERNELS, SLOPES_ONLY, CoreAttention, ScoreBias, kernel_unavailable
 from .sinusoidal import SinusoidalEmbedding
 
