@@ -34,7 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tools.jobs import ROOT, child_env
+
 PYTEST = ["-m", "pytest", "tests/model/test_model_flex.py", "-q", "-p", "no:cacheprovider",
           "-o", "addopts=-ra --import-mode=importlib"]  # path-restricted: no data-prep conftest (zstandard)
 
@@ -141,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("no CUDA GPU to check (or DS_ACCELERATOR is set to another accelerator); run on a GPU node, "
                  "or use --smoke for the CPU run")
     args.out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    # each stage is one process of its own: no rendezvous inherited from this process or a SLURM step
+    env = {k: v for k, v in child_env().items() if k not in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
                PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
     if args.smoke:
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")  # the CPU, even on a GPU machine

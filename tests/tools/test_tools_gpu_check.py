@@ -13,7 +13,10 @@ from tools.gpu_check import STAGES, main
 pytestmark = pytest.mark.slow
 
 
-def test_gpu_check_smoke(tmp_path, capsys):
+def test_gpu_check_smoke(tmp_path, capsys, monkeypatch):
+    # run from inside a process group or a SLURM step: every stage is still a process of its own
+    for name, value in dict(RANK="1", WORLD_SIZE="2", MASTER_PORT="1", SLURM_PROCID="3", SLURM_NTASKS="8").items():
+        monkeypatch.setenv(name, value)
     assert main(["--smoke", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     stages = report["stages"]
