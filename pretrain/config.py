@@ -20,7 +20,7 @@ import yaml
 from pretrain.parallel import Layout
 
 Position = Literal["alibi", "sinusoidal", "rope", "t5", "kerple", "none"]
-AttentionBackend = Literal["auto", "sdpa", "flex"]
+AttentionBackend = Literal["auto", "sdpa", "flex", "flex-flash", "fa2"]
 
 
 class ConfigError(ValueError):
@@ -53,7 +53,9 @@ class ModelConfig:
     position: Position
     """alibi | sinusoidal | rope | t5 (T5 relative bias) | kerple (KERPLE log kernel) | none."""
     attention_backend: AttentionBackend = "auto"
-    """auto: FlexAttention on a GPU, SDPA with a float bias elsewhere."""
+    """auto: on a GPU the fastest installed kernel (flex-flash: FlexAttention's FlashAttention-4
+    backend; fa2: FlashAttention-2 alibi_slopes; flex: FlexAttention/Triton), SDPA with a float
+    bias elsewhere (pretrain/model/attention.py)."""
     bidirectional: bool = False
     """Encoder mode, no causal mask: symmetric ALiBi -m|i-j| and KERPLE, two-sided T5 buckets."""
     layernorm_epsilon: float = 1e-5
@@ -87,6 +89,9 @@ class ParallelConfig:
     """PP degree; must divide num_layers."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage 0-3; 2 and 3 need pipeline_parallel == 1."""
+    zero_bucket_size: int = 200_000_000
+    """Elements per ZeRO-1/2 gradient-reduction and parameter all-gather bucket (DeepSpeed's
+    reduce_bucket_size and allgather_bucket_size; two reduction buckets are in flight)."""
 
 
 @dataclass(kw_only=True)
@@ -151,6 +156,9 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
+    enabled: bool = True
+    """False: the run neither writes nor resumes checkpoints (benchmarks; a signal or K bad
+    steps then stop the run without one)."""
     save_interval: int = 1000
     """Steps between checkpoints (also written on SIGUSR1/SIGTERM and at the end)."""
     keep_last: int = 3
@@ -288,6 +296,8 @@ def parallel_errors(m: ModelConfig, p: ParallelConfig) -> list[str]:
             f"num_layers={m.num_layers} is not divisible by pipeline_parallel={p.pipeline_parallel}: "
             f"use a pipeline_parallel that divides the layer count"
         )
+    if p.zero_bucket_size <= 0:
+        errors.append(f"parallel.zero_bucket_size={p.zero_bucket_size} must be positive (elements per bucket)")
     if p.zero_stage not in (0, 1, 2, 3):
         errors.append(f"zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
     elif p.zero_stage > 1 and p.pipeline_parallel > 1:

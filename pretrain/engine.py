@@ -10,6 +10,7 @@ DeepSpeed as its `mpu` so gradient norms and ZeRO partitions span the right rank
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +25,11 @@ from megatron.core.models.gpt import GPTModel
 from pretrain.config import Config
 from pretrain.model import build_model
 from pretrain.model.params import init_weights
-from pretrain.parallel import Layout, MegatronMPU, accelerator_device
+from pretrain.parallel import Layout, MegatronMPU, accelerator_device, use_gpu
 
 
 def use_bf16(cfg: Config) -> bool:
-    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available())
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu())
 
 
 def _avoid_deepspeed_jit() -> None:
@@ -46,7 +47,9 @@ def _avoid_deepspeed_jit() -> None:
 
 
 def _transformer_overrides(cfg: Config) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    # init_weights below draws every parameter: megatron's own init (another ~1.4B normals on
+    # one CPU thread for the 1.3B model) would only be overwritten.
+    out: dict[str, Any] = {"perform_initialization": False}
     if cfg.parallel.pipeline_parallel > 1:
         out["pipeline_dtype"] = torch.bfloat16 if use_bf16(cfg) else torch.float32
     if cfg.train.activation_checkpointing:
@@ -95,9 +98,14 @@ class GPTStage(torch.nn.Module):
 
 @dataclass
 class StepState:
-    """Shared with the skip hook and the pipeline loss: was a non-finite loss seen this step?"""
+    """One optimizer step's state, shared by `train_step`, the skip hook and the pipeline loss."""
 
-    bad: bool = False
+    bad: torch.Tensor | bool = False
+    """A non-finite loss on this rank (pp == 1: a device flag, read once, in the hook)."""
+    loss_sum: torch.Tensor | float = 0.0
+    """pp == 1: this rank's micro-batch losses, summed on the device."""
+    world_loss_sum: float = 0.0
+    """pp == 1: `loss_sum` summed over every rank, read by the hook."""
     skipped: bool = False
 
 
@@ -106,8 +114,7 @@ def _pipeline_loss(state: StepState):
         labels, loss_mask = labels_and_mask
         per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)  # [b, s]
         loss = (per_token * loss_mask).sum() / loss_mask.sum()
-        if not torch.isfinite(loss):
-            state.bad = True
+        state.bad = state.bad or not torch.isfinite(loss)  # DeepSpeed's pipeline reads the loss anyway
         return loss
 
     return loss_fn
@@ -170,20 +177,31 @@ def _clip_fp32_grads(module: torch.nn.Module, max_norm: float) -> float:
 
 
 def ds_config(cfg: Config, layout: Layout) -> dict[str, Any]:
-    t, o = cfg.train, cfg.optim
+    """The DeepSpeed config of `cfg` (the choices are explained in docs/design.md, "Speed")."""
+    t, o, bf16 = cfg.train, cfg.optim, use_bf16(cfg)
+    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.zero_stage in (1, 2):
+        bucket = cfg.parallel.zero_bucket_size
+        # Gradients reduced bucket by bucket while backward still runs (DeepSpeed's pipeline
+        # engine cannot overlap: off with pp > 1), copied into one flat buffer as they arrive.
+        zero.update(overlap_comm=layout.pp == 1, contiguous_gradients=True, reduce_bucket_size=bucket,
+                    allgather_bucket_size=bucket)
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": layout.accumulation,
         "optimizer": {
             "type": "AdamW",
-            # torch_adam: torch's AdamW instead of DeepSpeed's JIT-built FusedAdam (~2 min build on CPU)
+            # torch_adam: torch's AdamW instead of DeepSpeed's JIT-built FusedAdam (~2 min build on
+            # CPU, a CUDA toolchain on GPU); on GPU torch's own fused kernel (fused=True).
             "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
-                       "torch_adam": True, "adam_w_mode": True},
+                       "torch_adam": True, "adam_w_mode": True, **({"fused": True} if use_gpu() else {})},
         },
         "gradient_clipping": o.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": use_bf16(cfg)},
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        # bf16 gradients are summed over data-parallel ranks in fp32 (one rounding, not one per hop).
+        **({"communication_data_type": "fp32"} if bf16 else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -200,9 +218,16 @@ def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
 class StepResult:
     loss: float
     """Mean token loss of the global batch (identical on every rank)."""
-    grad_norm: float
     skipped: bool
     """A non-finite loss was seen somewhere: the update was not applied."""
+    raw_grad_norm: Any = None
+    """DeepSpeed's gradient norm as it left the step (a device tensor on GPU)."""
+
+    @property
+    def grad_norm(self) -> float:
+        """The global gradient norm (NaN for a skipped step); reading it waits for the GPU, so
+        the loop reads it only when it logs."""
+        return float("nan") if self.skipped or self.raw_grad_norm is None else float(self.raw_grad_norm)
 
 
 class Trainer:
@@ -238,8 +263,13 @@ class Trainer:
             # LayerNorms not at all; the skip hook clips instead (same formula as ZeRO's).
             config["gradient_clipping"] = 0.0
         self.grad_norm: float | None = None
+        # The GPU init_model_parallel selected for this task (DeepSpeed would take LOCAL_RANK,
+        # which is no device index when each task sees only its own GPU).
+        args = argparse.Namespace(device_rank=torch.cuda.current_device()) if use_gpu() else None
         self.engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=_param_groups(module, cfg.optim.weight_decay), config=config, mpu=mpu)
+            args=args, model=module, model_parameters=_param_groups(module, cfg.optim.weight_decay), config=config,
+            mpu=mpu)
+        self.attention_kernel: str = self.gpt.attention_kernel
         self._install_skip_hook()
 
     def _install_skip_hook(self) -> None:
@@ -253,9 +283,12 @@ class Trainer:
         own_clip = not (engine.zero_optimization() or engine.bfloat16_enabled())
 
         def take_model_step(lr_kwargs=None):
-            flag = torch.tensor([1.0 if state.bad else 0.0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            state.skipped = bool(flag.item())
+            # The step's one host read: every rank's bad flag and loss sum in one all-reduce.
+            stats = torch.zeros(2, dtype=torch.float64, device=device)
+            stats[0], stats[1] = state.bad, state.loss_sum
+            dist.all_reduce(stats)
+            bad, state.world_loss_sum = stats.tolist()
+            state.skipped = bad > 0
             if not state.skipped:
                 if own_clip:
                     self.grad_norm = _clip_fp32_grads(engine.module, self.cfg.optim.grad_clip)
@@ -274,33 +307,32 @@ class Trainer:
             group["lr"] = lr
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float) -> StepResult:
-        """One optimizer step over this rank's micro-batches (accumulation steps of them)."""
+        """One optimizer step over this rank's micro-batches (accumulation steps of them). With
+        pp == 1 the host waits for the device once, in the skip hook at the last micro-batch."""
         self.set_lr(lr)
-        self.state.bad = False
-        self.grad_norm = None
+        state, device = self.state, accelerator_device()
+        state.bad, state.loss_sum, self.grad_norm = False, 0.0, None
         self.engine.train()
         if self.pp > 1:
             it = iter([((b["tokens"], b["position_ids"]), (b["labels"], b["loss_mask"])) for b in micro_batches])
-            loss = self.engine.train_batch(data_iter=it)  # already averaged over micro-batches and dp
-            loss = float(loss)
+            loss = float(self.engine.train_batch(data_iter=it))  # already averaged over micro-batches and dp
         else:
-            total = torch.zeros((), dtype=torch.float64, device=accelerator_device())
+            state.bad = torch.zeros((), dtype=torch.bool, device=device)
+            state.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for b in micro_batches:
-                b = {k: v.to(accelerator_device()) for k, v in b.items()}
+                b = {k: v.to(device) for k, v in b.items()}
                 # DeepSpeed divides the loss by the accumulation steps in backward and averages
-                # gradients over data-parallel ranks at the boundary step (the last micro-batch).
+                # gradients over data-parallel ranks at the boundary step (the last micro-batch),
+                # where the skip hook reads the flag and the sum.
                 loss = self.engine(b["tokens"], b["position_ids"], b["labels"], b["loss_mask"])
-                if not torch.isfinite(loss):
-                    self.state.bad = True
+                state.bad |= ~torch.isfinite(loss)
+                state.loss_sum += loss.detach().double()
                 self.engine.backward(loss)
                 self.engine.step()
-                total += loss.detach().double()
-            total /= len(micro_batches)
-            dist.all_reduce(total, group=ps.get_data_parallel_group())
-            loss = float(total) / ps.get_data_parallel_world_size()
+            # every rank holds one data-parallel replica's sum (tp ranks the same): the mean
+            loss = state.world_loss_sum / (self.layout.world_size * len(micro_batches))
         grad_norm = self.engine.get_global_grad_norm() if self.grad_norm is None else self.grad_norm
-        grad_norm = float(grad_norm) if grad_norm is not None and not self.state.skipped else float("nan")
-        return StepResult(loss=loss, grad_norm=grad_norm, skipped=self.state.skipped)
+        return StepResult(loss=loss, skipped=state.skipped, raw_grad_norm=grad_norm)
 
     # ---------------------------------------------------------------- evaluation
 

@@ -64,7 +64,7 @@ def preflight(cfg: Config, env: DistEnv, run_dir: Path, allow: tuple[str, ...] =
     if busy is not None and not rundir.is_predecessor(busy):  # that one rank 0 waits for
         errors.append(rundir.busy_message(run_dir, busy))
     layout = Layout.of(cfg, env.world_size)
-    if not errors:
+    if not errors and cfg.checkpoint.enabled:
         try:
             found = checkpoint.scan(run_dir)
         except checkpoint.CheckpointError as e:
@@ -97,16 +97,17 @@ def validate_ppl(trainer, cfg: Config, tokens: torch.Tensor) -> dict[int, float]
         if trainer.pp > 1:
             mean = trainer.pipeline_mean_nll([(x[i : i + 1], y[i : i + 1]) for i in range(x.shape[0])])
         else:
-            # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively):
-            # ranks short of a window repeat window 0 with weight 0.
-            per_rank = -(-x.shape[0] // dp)
+            # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively),
+            # each of exactly micro_batch_size windows (a compiled kernel sees one shape per
+            # length): the slots past the last window repeat window 0 with weight 0.
+            mb = cfg.train.micro_batch_size
+            per_rank = -(-x.shape[0] // (dp * mb)) * mb
             idx = torch.arange(per_rank) * dp + dp_rank  # [per_rank]
             weight = (idx < x.shape[0]).double()
             idx = torch.where(idx < x.shape[0], idx, 0)
             total = torch.zeros(2, dtype=torch.float64, device=accelerator_device())
-            mb = cfg.train.micro_batch_size
             for i in range(0, per_rank, mb):
-                nll = trainer.nll(x[idx[i : i + mb]], y[idx[i : i + mb]]).double()  # [b, length]
+                nll = trainer.nll(x[idx[i : i + mb]], y[idx[i : i + mb]]).double()  # [mb, length]
                 w = weight[i : i + mb].to(nll.device)
                 total[0] += (nll.sum(dim=1) * w).sum()
                 total[1] += w.sum() * length
@@ -159,7 +160,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
 
     layout, tokenizer = plan.layout, plan.data.tokenizer
     trainer = Trainer(cfg, layout)
-    resumed = checkpoint.resume(trainer, plan.checkpoints)
+    resumed = checkpoint.resume(trainer, plan.checkpoints)  # None: a fresh run (or checkpoint.enabled off)
     changes, meta = plan.changes, {}
     if resumed is not None:
         ckpt, meta = resumed
@@ -184,10 +185,14 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
         if history is not None and step > 0:
             print(f"  config history: {history}", flush=True)
     logger = MetricsLogger(cfg, run_dir, env.rank, step)
+    logger.describe_run({"attention_kernel": trainer.attention_kernel, "device": accelerator_device(),
+                         "precision": "bf16" if trainer.engine.bfloat16_enabled() else "fp32"})
     last_ckpt = resumed[0] if resumed is not None else None
 
     def save(at: int) -> None:
         nonlocal last_ckpt
+        if not cfg.checkpoint.enabled:  # off for benchmarks: a 1.3B checkpoint is ~22 GB
+            return
         last_ckpt = checkpoint.save_checkpoint(
             trainer, run_dir, at, {"bad_in_row": bad_in_row, "skipped_total": skipped,
                                    "consumed_samples": reader.sample_at(at)}, tokenizer)
@@ -219,15 +224,18 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
         if bad_in_row >= cfg.train.max_bad_steps:
             save(step)
             logger.close(_summary(cfg, start_step, step, t_start, last_ckpt, logger))
+            where = (f"checkpoint written to {checkpoint.checkpoints_dir(run_dir)}" if cfg.checkpoint.enabled
+                     else "no checkpoint (checkpoint.enabled=false)")
             raise TrainingError(
                 f"{bad_in_row} non-finite losses in a row (train.max_bad_steps={cfg.train.max_bad_steps}) at "
-                f"step {step}; checkpoint written to {checkpoint.checkpoints_dir(run_dir)}. Lower optim.lr, "
-                "raise optim.warmup_steps or check the data, then resume from the checkpoint.")
+                f"step {step}; {where}. Lower optim.lr, raise optim.warmup_steps or check the data, then "
+                "resume from the checkpoint.")
         signum = stop.agreed()
         if signum or step % cfg.checkpoint.save_interval == 0 or step == cfg.train.steps:
             save(step)
         if signum:
-            print(f"rank {env.rank}: signal {signal.Signals(signum).name}: checkpoint at step {step} written, "
+            saved = "written" if cfg.checkpoint.enabled else "not written (checkpoint.enabled=false)"
+            print(f"rank {env.rank}: signal {signal.Signals(signum).name}: checkpoint at step {step} {saved}, "
                   "exiting 0 for requeue", flush=True)
             break
     logger.close(_summary(cfg, start_step, step, t_start, last_ckpt, logger))

@@ -5,6 +5,12 @@ Bytes per parameter follow the ZeRO paper (Rajbhandari et al. 2020): with bf16 m
 precision, 2 (bf16 weights) + 2 (bf16 grads) + 12 (fp32 master, Adam m, v); ZeRO-1 shards
 the 12, ZeRO-2 also the grads, ZeRO-3 also the weights, over the data-parallel ranks. In fp32
 (CPU) weights and grads take 4 each and Adam 8 (the weights are the master copy).
+DeepSpeed adds, in bf16, the fp32 copy of this rank's gradient partition that the optimizer
+step reads (4 bytes per sharded parameter), and for ZeRO-1/2 its reduction buckets
+(engine.ds_config, `parallel.zero_bucket_size` elements each): two gradient-dtype buffers
+(one with pp > 1, where overlap_comm is off) and, in bf16, the fp32 copy of the bucket being
+reduced (communication in fp32). The parameter all-gather writes into the flat weight buffer
+(all_gather_into_tensor): no bucket of its own.
 Activations follow Korthikanti et al. 2022 (per layer, no sequence parallelism):
 s*b*h*(10 + 24/t) bytes in 16-bit plus 5*a*s^2*b/t for materialized attention scores (absent
 with FlexAttention, which never stores [s, s]); full recompute keeps only 2*s*b*h per layer
@@ -38,10 +44,15 @@ class MemoryEstimate:
     grads_gb: float
     optimizer_gb: float
     activations_gb: float
+    fp32_grads_gb: float = 0.0
+    """bf16: the fp32 gradient partition the optimizer step reads."""
+    buckets_gb: float = 0.0
+    """ZeRO-1/2: DeepSpeed's gradient-reduction buckets."""
 
     @property
     def total_gb(self) -> float:
-        return self.params_gb + self.grads_gb + self.optimizer_gb + self.activations_gb
+        return (self.params_gb + self.grads_gb + self.fp32_grads_gb + self.buckets_gb + self.optimizer_gb
+                + self.activations_gb)
 
     def table(self, cfg: Config) -> str:
         p, t, lay = cfg.parallel, cfg.train, self.layout
@@ -52,6 +63,8 @@ class MemoryEstimate:
             ("parameters (per GPU)", f"{self.params_per_gpu / 1e6:.1f} M"),
             ("weights", f"{self.params_gb:8.2f} GiB"),
             ("gradients", f"{self.grads_gb:8.2f} GiB"),
+            ("fp32 gradient partition", f"{self.fp32_grads_gb:8.2f} GiB"),
+            ("ZeRO reduction buckets", f"{self.buckets_gb:8.2f} GiB"),
             (f"optimizer (ZeRO-{p.zero_stage})", f"{self.optimizer_gb:8.2f} GiB"),
             ("activations", f"{self.activations_gb:8.2f} GiB"),
             ("total per GPU", f"{self.total_gb:8.2f} GiB of {cfg.hardware.gpu_memory_gb:g} GiB"),
@@ -80,6 +93,9 @@ def estimate_memory(cfg: Config, layout: Layout, *, bf16: bool = True, flex_atte
     weights = params * w_bytes / shard[0]
     grads = params * g_bytes / shard[1]
     optimizer = params * o_bytes / shard[2]
+    fp32_grads = params * 4 / shard[2] if bf16 else 0
+    in_flight = 2 if pp == 1 else 1
+    buckets = p.zero_bucket_size * (in_flight * g_bytes + (4 if bf16 else 0)) if p.zero_stage in (1, 2) else 0
 
     act_bytes = 2 if bf16 else 4
     layer_act = s * b * h * (10 + 24 / tp) * act_bytes / 2
@@ -99,4 +115,6 @@ def estimate_memory(cfg: Config, layout: Layout, *, bf16: bool = True, flex_atte
         grads_gb=grads / GIB,
         optimizer_gb=optimizer / GIB,
         activations_gb=(acts + logits) / GIB,
+        fp32_grads_gb=fp32_grads / GIB,
+        buckets_gb=buckets / GIB,
     )

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from pretrain.config import Config, to_dict
-from pretrain.parallel import Layout
+from pretrain.parallel import Layout, use_gpu
 
 
 def flops_per_token(cfg: Config, seq_length: int | None = None) -> float:
@@ -50,7 +50,7 @@ def throughput(cfg: Config, layout: Layout, step_time_s: float) -> dict[str, flo
 
 def peak_memory_gb() -> float:
     """Peak accelerator memory (GPU), else the process's peak resident set (CPU)."""
-    if torch.cuda.is_available():
+    if use_gpu():
         return torch.cuda.max_memory_allocated() / 1024**3
     import resource
 
@@ -63,6 +63,7 @@ class MetricsLogger:
     def __init__(self, cfg: Config, run_dir: Path, rank: int, start_step: int):
         self.enabled = rank == 0
         self.run = None
+        self.run_info: dict[str, Any] = {}
         self.val_history: list[tuple[int, dict[int, float]]] = []
         self.bar = None
         if not self.enabled:
@@ -98,10 +99,17 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"time": time.time(), **record}
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps({**record, **self.run_info}) + "\n")
         self.file.flush()
         if self.run is not None:
             self.run.log(record)
+
+    def describe_run(self, info: dict[str, Any]) -> None:
+        """What this run runs on (device, precision, attention kernel): added to every training
+        record of metrics.jsonl (a requeued job may land elsewhere) and to the wandb run's config."""
+        self.run_info = dict(info)
+        if self.run is not None:
+            self.run.config.update(info, allow_val_change=True)
 
     def log_validation(self, step: int, ppl: dict[int, float]) -> None:
         """ppl: {length: perplexity}. To metrics.jsonl as `val/ppl_at_<length>`, and to wandb as one

@@ -105,18 +105,42 @@ def read_env(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv(rank, world, local, addr, port)
 
 
+def use_gpu() -> bool:
+    """Whether this process runs on a GPU: CUDA is visible and DeepSpeed's accelerator is not set
+    to another one (`DS_ACCELERATOR=cpu`, which the CPU tests and CPU SLURM jobs set, keeps a GPU
+    machine's process on the CPU). The one switch for the process-group backend, the device,
+    `precision: auto`, the `auto` attention kernel and peak-memory readings."""
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+
+
+def cuda_device(local_rank: int, visible: int) -> int:
+    """The CUDA device index of the task with `local_rank` when it sees `visible` devices. One
+    task per GPU either sees the node's GPUs (torchrun, `srun --gpus-per-node`: device = local
+    rank) or only its own (`srun --gpus-per-task=1`, a per-task CUDA_VISIBLE_DEVICES: device 0);
+    `local_rank mod visible` covers both."""
+    if visible < 1:
+        raise RuntimeError(f"local rank {local_rank}: no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); request GPUs from the launcher or "
+                           "set DS_ACCELERATOR=cpu to run on the CPU")
+    return local_rank % visible
+
+
 def _start_process_group(env: DistEnv) -> None:
-    """The default process group (nccl on GPU, gloo on CPU). The launcher variables are also
-    exported, since DeepSpeed's init_distributed reads them and then finds this group running."""
+    """The default process group (nccl on GPU, gloo on CPU), this task's GPU selected first. The
+    launcher variables are also exported, since DeepSpeed's init_distributed reads them and then
+    finds this group running; the engine gets the same GPU (`torch.cuda.current_device()`)."""
     import torch
     import torch.distributed as dist
 
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
+    gpu = use_gpu()
+    if gpu:
+        torch.cuda.set_device(cuda_device(env.local_rank, torch.cuda.device_count()))
     os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
                       RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
     dist.init_process_group(
-        backend="nccl" if torch.cuda.is_available() else "gloo",
+        backend="nccl" if gpu else "gloo",
         init_method=f"tcp://{env.master_addr}:{env.master_port}",
         rank=env.rank,
         world_size=env.world_size,
@@ -125,13 +149,13 @@ def _start_process_group(env: DistEnv) -> None:
 
 
 def seed_rng(seed: int) -> None:
-    """Seed torch, and megatron-core's model-parallel RNG tracker (CUDA) or its no-op CPU
+    """Seed torch, and megatron-core's model-parallel RNG tracker (GPU) or its no-op CPU
     stand-in (the CUDA tracker cannot be created without a GPU)."""
     import torch
     from megatron.core import tensor_parallel
 
     torch.manual_seed(seed)
-    if torch.cuda.is_available():
+    if use_gpu():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
         tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
@@ -157,7 +181,10 @@ def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, env: Dist
         raise ValueError(f"world size {world} is not divisible by tp x pp = {tp} x {pp}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    # No gloo twins of the data-parallel groups: DeepSpeed never uses them, and on 128 ranks they
+    # are a gloo mesh built at start-up (a hang where the hostname resolves to the wrong interface).
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             create_gloo_process_groups=False)
     seed_rng(seed)
 
 

@@ -4,8 +4,8 @@
 #
 #   sbatch slurm/pretrain_1p3b.sh                                  # 16 nodes x 8 GPUs, the 1.3B config
 #   sbatch --nodes=2 --export=ALL,CONFIG=configs/x.yaml,RUN_DIR=runs/x,DATA=data/tokens slurm/pretrain_1p3b.sh
-#   sbatch --nodes=1 --ntasks-per-node=2 --gpus-per-node=0 --export=ALL,CONFIG=configs/tiny_alibi.yaml,... \
-#     slurm/pretrain_1p3b.sh                                       # CPU test cluster (gloo)
+#   sbatch --nodes=1 --ntasks-per-node=2 --gpus-per-node=0 --cpus-per-task=1 \
+#     --export=ALL,CONFIG=configs/tiny_alibi.yaml,... slurm/pretrain_1p3b.sh   # CPU test cluster (gloo)
 #
 # Environment: CONFIG, RUN_DIR (default runs/<config name>), DATA (a data_prep/preprocess.py output
 # dir; default: the config's), EXTRA_ARGS (more train.py arguments, word-split), MAX_REQUEUES (30),
@@ -21,6 +21,7 @@
 #SBATCH --nodes=16
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
 #SBATCH --requeue
@@ -42,12 +43,13 @@ MAX_REQUEUES=${MAX_REQUEUES:-30}
 PYTHON=${PYTHON:-python}
 
 # Rendezvous from the allocation: rank 0 runs on the first node; the port is derived from the job id
-# (and the restart count, so that a requeued job never meets its predecessor's socket).
+# (and the restart count, so that a requeued job never meets its predecessor's socket), in
+# 10000-29999: below Linux's ephemeral range (32768-60999), where any outgoing connection may hold it.
 first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 addr=$(scontrol show node "$first" -o | grep -oP '(?<=NodeAddr=)\S+' || true)
 # Always derived here: values exported from the submitting shell (--export=ALL) must not leak in.
 export MASTER_ADDR=${addr:-$first}
-export MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000 * 4 + ${SLURM_RESTART_COUNT:-0} % 4))
+export MASTER_PORT=$((10000 + SLURM_JOB_ID % 5000 * 4 + ${SLURM_RESTART_COUNT:-0} % 4))
 # train.py reads rank, world size and local rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID,
 # unless torchrun's RANK / WORLD_SIZE are set: same reason.
 unset RANK WORLD_SIZE LOCAL_RANK
@@ -56,6 +58,8 @@ unset RANK WORLD_SIZE LOCAL_RANK
 # NCCL_SOCKET_IFNAME=ib0 or NCCL_IB_HCA=mlx5 (see docs/slurm.md). Anything set by the user wins.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# --cpus-per-task=8 per GPU task: FlexAttention's compile workers, NCCL's proxy threads and the
+# data loader run beside the training loop (8 x 8 = 64 cores fit every common 8-GPU node)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 # srun no longer inherits sbatch's --cpus-per-task (SLURM >= 22.05)
 [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK

@@ -16,7 +16,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
+from pretrain.config import AttentionBackend  # light: no torch (--help stays fast)
 from tools.jobs import ROOT
 
 PAPER_PAIR = [str(ROOT / "configs" / f) for f in ("gpt_1p3b_alibi_L1024.yaml", "gpt_1p3b_sinusoidal_L2048.yaml")]
@@ -73,7 +75,7 @@ def main(argv=None) -> None:
     b.add_argument("--steps", type=int, default=30, help="training steps per config")
     b.add_argument("--warmup", type=int, default=5, help="first steps left out of the means")
     b.add_argument("--tokens-per-batch", type=int, default=16384, help="tokens per step, equal for every config")
-    b.add_argument("--backend", default="auto", choices=["auto", "sdpa", "flex"], help="attention kernel for all")
+    b.add_argument("--backend", default="auto", choices=get_args(AttentionBackend), help="attention kernel for all")
     b.add_argument("--output", type=Path, default=Path("outputs/compare_bench"), help="writes benchmark.{md,json,png} here")
     b.add_argument("override", nargs="*", help="key.path=value config overrides for every run")
     r = sub.add_parser("runs", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="time and GPU-hours of finished runs to reach a validation perplexity")

@@ -11,20 +11,29 @@ this TP rank's heads, in two forms with the same values: `dense` (fp32 [h, s, s]
 reference path) and `score_mod` (for FlexAttention). The layer spec decides once which bias a
 model has (spec.py); forward never branches on the position method.
 
-Backends (same signature, chosen once when the spec is built, see `spec.py`):
+Backends (same signature, chosen once when the spec is built, see `spec.py`; `auto` takes the
+first of `AUTO_ORDER` that can run here):
 - `sdpa_kernel`: reference, runs everywhere. No bias: SDPA `is_causal` (flash on GPU).
   With a bias: the fp32 `dense` bias as a float `attn_mask`; q/k/v are upcast to fp32 for that
   path so the bias never rounds to bf16 (exactness over speed).
-- `flex_kernel`: GPU fast path, compiled FlexAttention. The bias is its `score_mod` on the fp32
-  scores (ALiBi: `score + m[h] * (kv - q)`), the causal part a `block_mask` (fully-masked
-  blocks skipped); no [s, s] tensor exists. Backward needs CUDA (on CPU torch 2.13 implements
-  only the forward).
+- `flex_kernel`: GPU fast path, compiled FlexAttention (Triton). The bias is its `score_mod` on
+  the fp32 scores (ALiBi: `score + m[h] * (kv - q)`), the causal part a `block_mask`
+  (fully-masked blocks skipped); no [s, s] tensor exists. Backward needs CUDA (on CPU torch
+  2.13 implements only the forward).
+- `flex_flash_kernel`: the same FlexAttention call on its FlashAttention-4 backend
+  (`kernel_options={"BACKEND": "FLASH"}`, CuTe DSL, Hopper/Blackwell, the `flash-attn-4`
+  package); any score bias.
+- `fa2_kernel`: FlashAttention-2's `flash_attn_func` with `alibi_slopes` (fp32, the TP rank's
+  heads), or no bias; `flash-attn` >= 2.4, Ampere or newer. Other score biases are refused.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import logging
+import os
 from typing import Callable, Protocol
 
 import torch
@@ -56,15 +65,23 @@ def sdpa_kernel(q, k, v, *, bias, causal, scale):
     return out.to(q.dtype)
 
 
+def compile_static(fn: Callable, **kwargs) -> Callable:
+    """`torch.compile` with one static-shape graph per input shape. fullgraph: a graph break
+    raises instead of silently running FlexAttention's eager path (dense [s, s] scores per head,
+    an OOM at long lengths). Recompiles are logged with their reason (dynamo's `recompiles` log,
+    unless TORCH_LOGS says otherwise); train L plus evaluation at 2L..16L is more graphs than
+    dynamo's default limit of 8, past which it would fall back to eager."""
+    if "TORCH_LOGS" not in os.environ:
+        torch._logging.set_logs(recompiles=True)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, dynamic=False, fullgraph=True, **kwargs)
+
+
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    # One static-shape graph per (length, score_mod): train L plus evaluation at 2L..16L
-    # exceeds dynamo's default of 8, past which it would silently fall back to the dense
-    # eager path (an [s, s] score tensor per head).
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(flex_attention, dynamic=False)
+    return compile_static(flex_attention)
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -78,27 +95,83 @@ def _causal_block_mask(s: int, device: str):
     return create_block_mask(_causal, B=None, H=None, Q_LEN=s, KV_LEN=s, device=device)
 
 
-def flex_kernel(q, k, v, *, bias, causal, scale, compiled: bool = True):
+def flex_kernel(q, k, v, *, bias, causal, scale, compiled: bool = True, backend: str | None = None):
     """compiled=False runs FlexAttention's eager (dense) reference: same score_mod and
-    block_mask semantics without the compile, for cheap CPU tests of the bias logic."""
+    block_mask semantics without the compile, for cheap CPU tests of the bias logic.
+    backend: FlexAttention's kernel_options BACKEND (None: its default, Triton on GPU)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     s = q.shape[2]
     block_mask = _causal_block_mask(s, str(q.device)) if causal else None
     score_mod = bias.score_mod(causal, q.device) if bias is not None else None
     fn = _compiled_flex() if compiled else flex_attention
-    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+              kernel_options={"BACKEND": backend} if backend else None)
 
 
-KERNELS: dict[str, Kernel] = {"sdpa": sdpa_kernel, "flex": flex_kernel}
+def flex_flash_kernel(q, k, v, *, bias, causal, scale):
+    return flex_kernel(q, k, v, bias=bias, causal=causal, scale=scale, backend="FLASH")
+
+
+def fa2_kernel(q, k, v, *, bias, causal, scale):
+    if bias is not None and not hasattr(bias, "slopes"):
+        raise ValueError(f"attention_backend=fa2 adds ALiBi slopes only, not a {type(bias).__name__}; "
+                         "use attention_backend flex (or auto)")
+    from flash_attn import flash_attn_func
+
+    slopes = bias.slopes(q.device) if bias is not None else None  # fp32 [h]
+    # FlashAttention-2 adds -slope * |i - j|: causally -m (i - j), bidirectionally -m |i - j|, as ours
+    out = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=scale, causal=causal,
+                          alibi_slopes=slopes)  # [b, s, h, d]
+    return out.transpose(1, 2)  # [b, h, s, d]
+
+
+KERNELS: dict[str, Kernel] = {"sdpa": sdpa_kernel, "flex": flex_kernel, "flex-flash": flex_flash_kernel,
+                              "fa2": fa2_kernel}
+AUTO_ORDER = ("flex-flash", "fa2", "flex")
+"""`auto` on a GPU: the first of these that can run, fastest expected first (docs/design.md, "Speed")."""
+SLOPES_ONLY = {"fa2"}
+"""Kernels that take ALiBi as per-head slopes and no other score bias."""
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken parent package (e.g. a flash_attn built for another torch)
+        return False
+
+
+def kernel_unavailable(name: str, gpu: bool) -> str | None:
+    """Why kernel `name` cannot train here (None: it can); `gpu`: this process runs on a CUDA GPU."""
+    if name == "sdpa":
+        return None
+    if not gpu:
+        return "needs a CUDA GPU (FlexAttention has no CPU backward, FlashAttention no CPU kernel)"
+    major = torch.cuda.get_device_capability()[0]
+    if name == "flex-flash":
+        if major < 9:
+            return f"needs a Hopper or newer GPU (compute capability {major}.x)"
+        if not _importable("flash_attn.cute"):
+            return "needs the flash-attn-4 package (FlexAttention's FLASH backend imports flash_attn.cute)"
+    if name == "fa2":
+        if major < 8:
+            return f"needs an Ampere or newer GPU (compute capability {major}.x)"
+        if not _importable("flash_attn"):
+            return "needs the flash-attn package (>= 2.4, which added alibi_slopes)"
+        from flash_attn import flash_attn_func
+
+        if "alibi_slopes" not in inspect.signature(flash_attn_func).parameters:
+            return "needs flash-attn >= 2.4 (alibi_slopes)"
+    return None
 
 
 @functools.cache
-def flex_trains_captured_tensors(device: str) -> bool:
-    """Does this torch's compiled FlexAttention give the right gradient for a learned tensor
-    captured by a score_mod (the T5 table, KERPLE's r1/r2)? Checked once per process on a small
-    causal problem against the sdpa reference (gradients of q, k, v and of the captured tensor).
-    Cannot be answered on CPU, where torch 2.13's FlexAttention has no backward at all."""
+def flex_trains_captured_tensors(device: str, kernel: str = "flex") -> bool:
+    """Does this torch's compiled FlexAttention (`kernel`: flex or flex-flash) give the right
+    gradient for a learned tensor captured by a score_mod (the T5 table, KERPLE's r1/r2)? Checked
+    once per process on a small causal problem against the sdpa reference (gradients of q, k, v
+    and of the captured tensor). Cannot be answered on CPU, where torch 2.13's FlexAttention has
+    no backward at all."""
     g = torch.Generator(device).manual_seed(0)
     q, k, v = (torch.randn(1, 2, 128, 16, device=device, generator=g, requires_grad=True) for _ in range(3))
     w = torch.rand(2, device=device, generator=g).requires_grad_()  # per-head learned slope [h]
@@ -112,8 +185,8 @@ def flex_trains_captured_tensors(device: str) -> bool:
             return lambda score, b, h, q_idx, kv_idx: score + w[h] * (kv_idx - q_idx)
 
     try:
-        grads = [torch.autograd.grad(kernel(q, k, v, bias=Learned(), causal=True, scale=None).square().sum(),
-                                     (q, k, v, w)) for kernel in (flex_kernel, sdpa_kernel)]
+        grads = [torch.autograd.grad(fn(q, k, v, bias=Learned(), causal=True, scale=None).square().sum(),
+                                     (q, k, v, w)) for fn in (KERNELS[kernel], sdpa_kernel)]
         return all(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item()) for a, b in zip(*grads))
     except Exception as e:  # a torch that cannot differentiate captured tensors may raise instead
         logging.getLogger(__name__).warning("FlexAttention backward with a learned score_mod tensor failed: %r", e)

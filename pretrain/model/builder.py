@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from pretrain.config import ConfigError, ModelConfig, model_errors
@@ -45,14 +47,18 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
         pipeline_dtype=params_dtype,  # dtype of the activations sent between pipeline stages
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
-        # fused kernels need CUDA/apex; off everywhere so CPU and GPU compute the same thing
+        # megatron-core's native fused cross-entropy (torch.compile, no Transformer Engine): the
+        # same loss; its gradient is cast to bf16 (fusions/fused_cross_entropy.py), as the
+        # unfused path's is for bf16 logits, but a rounding for fp32 models: bf16 only.
+        cross_entropy_loss_fusion=params_dtype == torch.bfloat16,
+        cross_entropy_fusion_impl="native",
+        # the other fused kernels need CUDA/apex; off everywhere so CPU and GPU compute the same thing
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
-        cross_entropy_loss_fusion=False,
         sequence_parallel=False,
     )
     kwargs.update(overrides)
@@ -80,6 +86,7 @@ def build_model(
     apply_cpu_compat()
     config = transformer_config(cfg, params_dtype, **(transformer_overrides or {}))
     position = POSITIONS[cfg.position]
+    kernel = model_backend(cfg)
     score_bias, shared = position.score_bias, None
     if position.shared_bias is not None:  # one learned module for every layer of this stage
         tp = parallel_state.get_tensor_model_parallel_group()
@@ -87,7 +94,7 @@ def build_model(
         score_bias = lambda *_: SharedBias(shared)  # noqa: E731
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(cfg, config, model_backend(cfg), score_bias),
+        transformer_layer_spec=block_spec(cfg, config, kernel, score_bias),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.seq_length,  # only used by learned positions, which we never build
         pre_process=pre_process,
@@ -100,7 +107,24 @@ def build_model(
         model.embedding = position.wrap_embedding(model.embedding, cfg)
     if shared is not None:
         model.position_bias = shared  # registered once: one name, one gradient summed over the layers
+    if not config.perform_initialization:
+        _mark_partitions(model)
+    model.attention_kernel = kernel  # named in the run's log and metrics
     return model
+
+
+def _mark_partitions(model: GPTModel) -> None:
+    """The tensor-parallel attributes (partition dim) megatron sets only inside its weight init,
+    which `perform_initialization=False` skips: column-parallel weights and the vocab-parallel
+    embedding are split along dim 0, row-parallel weights along dim 1."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            continue
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=0, stride=1)
+        elif isinstance(module, RowParallelLinear):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=1, stride=1)
 
 
 def parameter_count(cfg: ModelConfig) -> int:

@@ -1,26 +1,31 @@
-"""Making megatron-core run on a CPU, in one place, applied only when there is no GPU.
+"""Making megatron-core run on a CPU, in one place: patches that follow the tensors' device.
 
 megatron-core 0.16 assumes CUDA in these places (docs/reference.md §5); each is handled here
-(`apply_cpu_compat`) or by a choice elsewhere:
+(`apply_cpu_compat`) or by a choice elsewhere. The patches are applied on every machine and act
+on the device of the tensors they see, never on whether a GPU exists: a CPU model on a GPU
+machine (the CPU tests there) is still a CPU model, and a GPU model gets megatron's own path.
 
 - parameters allocated on `torch.cuda.current_device()` -> builder: `use_cpu_initialization=True`
   always (full weights drawn on the CPU and sliced: also the same model for any TP degree);
-- `GlobalMemoryBuffer.get_tensor` allocates on CUDA -> patched: buffer on the CPU;
-- `RotaryEmbedding.get_emb` moves `inv_freq` to CUDA -> patched: left where it is;
-- `mappings._gather_along_last_dim` (TP logits gather) allocates on CUDA -> patched: list
-  all_gather on the input's device (works on gloo);
-- activation recompute saves/restores the CUDA RNG state -> patched: the CPU RNG state, so
-  dropout masks replay exactly;
+- `RotaryEmbedding` keeps `inv_freq` as a plain attribute and moves it to CUDA in `get_emb` ->
+  patched: a non-persistent buffer, so it moves with the model (`model.to(device)`), and
+  `get_emb` leaves it there;
+- `mappings._gather_along_last_dim` (TP logits gather) allocates on CUDA -> patched for
+  non-CUDA inputs: list all_gather on the input's device (works on gloo);
+- activation recompute saves/restores the CUDA RNG state -> patched where CUDA is absent: the
+  CPU RNG state, so dropout masks replay exactly;
 - PP > 1 with tied embeddings: `weight.data.cuda()` before the first/last-stage all-reduce ->
-  patched: the same all-reduce on the CPU;
+  patched: the all-reduce where the weight is (moved to the GPU and back only for nccl);
 - the CUDA RNG tracker (`model_parallel_cuda_manual_seed`) -> `pretrain.parallel.seed_rng`: the
-  inference tracker, whose fork is a no-op;
+  inference tracker, whose fork is a no-op, on CPU runs;
 - `attention_mask=None` makes megatron's attention build a causal mask on "cuda" ->
   attention.py builds mask and ALiBi bias itself; callers pass None;
 - fused kernels (bias-GELU, masked softmax, rope, gradient-accumulation fusion) -> builder:
-  every fusion flag off, so CPU and GPU compute the same thing;
+  every fusion flag off, so CPU and GPU compute the same thing (the native fused cross-entropy,
+  plain torch.compile, is on for bf16 models);
 - not handled: pipeline `schedules.py` / `p2p_communication.py` (use "cuda"; the training side
-  runs pipelines through DeepSpeed), `get_megatron_optimizer` and `sequence_parallel` (unused).
+  runs pipelines through DeepSpeed), `GlobalMemoryBuffer` (CUDA; used only by sequence
+  parallelism and megatron's own attention, neither used here), `get_megatron_optimizer`.
 
 Typical use (tests, tools, single-process evaluation):
 
@@ -32,7 +37,6 @@ Typical use (tests, tools, single-process evaluation):
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -41,30 +45,23 @@ _APPLIED = False
 
 
 def apply_cpu_compat() -> None:
-    """Patch megatron-core's CUDA-only code paths listed above. No-op with CUDA; idempotent."""
+    """Patch megatron-core's CUDA-only code paths listed above (idempotent)."""
     global _APPLIED
-    if torch.cuda.is_available() or _APPLIED:
+    if _APPLIED:
         return
-    for patch in (_memory_buffer, _rope, _tp_gather, _recompute_rng, _tied_embedding_allreduce):
+    for patch in (_rope, _tp_gather, _recompute_rng, _tied_embedding_allreduce):
         patch()
     _APPLIED = True
 
 
-def _memory_buffer() -> None:
-    from megatron.core import utils
-
-    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
-        numel = math.prod(tensor_shape)
-        buf = self.buffer.get((name, dtype))
-        if buf is None or buf.numel() < numel:
-            buf = self.buffer[(name, dtype)] = torch.empty(numel, dtype=dtype, device="cpu")
-        return buf[:numel].view(*tensor_shape)
-
-    utils.GlobalMemoryBuffer.get_tensor = get_tensor
-
-
 def _rope() -> None:
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    init = RotaryEmbedding.__init__
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.register_buffer("inv_freq", self.__dict__.pop("inv_freq"), persistent=False)
 
     def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
         # megatron's body minus the move of inv_freq to torch.cuda.current_device()
@@ -75,16 +72,19 @@ def _rope() -> None:
             emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
         return emb[:, None, None, :]  # [s, 1, 1, dim]
 
+    RotaryEmbedding.__init__ = __init__
     RotaryEmbedding.get_emb = get_emb
 
 
 def _tp_gather() -> None:
     from megatron.core.tensor_parallel import mappings
 
+    original = mappings._gather_along_last_dim
+
     def gather_along_last_dim(input_, group):
         # [..., h/tp] on each rank -> [..., h]
-        if group.size() == 1:
-            return input_
+        if group.size() == 1 or input_.is_cuda:
+            return original(input_, group)
         parts = [torch.empty_like(input_) for _ in range(group.size())]
         torch.distributed.all_gather(parts, input_.contiguous(), group=group)
         return torch.cat(parts, dim=-1).contiguous()
@@ -95,11 +95,17 @@ def _tp_gather() -> None:
 def _recompute_rng() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
+    get_states, set_states = mrandom._get_all_rng_states, mrandom._set_all_rng_states
+
     def get_all_rng_states():
-        # (cpu, cuda, tracker) as megatron's; on CPU dropout draws from the CPU generator
+        # (cpu, cuda, tracker) as megatron's; without CUDA there is no CUDA state to keep
+        if torch.cuda.is_available():
+            return get_states()
         return torch.get_rng_state(), None, mrandom.get_cuda_rng_tracker().get_states()
 
     def set_all_rng_states(cpu_rng_state, cuda_rng_state, tracker_states):
+        if cuda_rng_state is not None:
+            return set_states(cpu_rng_state, cuda_rng_state, tracker_states)
         torch.set_rng_state(cpu_rng_state)
         mrandom.get_cuda_rng_tracker().set_states(tracker_states)
 
@@ -113,15 +119,20 @@ def _tied_embedding_allreduce() -> None:
     setup = LanguageModule.setup_embeddings_and_output_layer
 
     def setup_embeddings_and_output_layer(self):
-        # megatron's setup with its CUDA all-reduce skipped, then that all-reduce on the CPU
-        # (first stage's embedding + last stage's zeroed output weight -> the same weight)
-        in_group = torch.distributed.is_initialized() and self._is_in_embd_group()
+        # megatron's setup with its `.cuda()` all-reduce skipped, then that all-reduce where the
+        # weight is (first stage's embedding + last stage's zeroed output weight -> the same weight)
+        dist = torch.distributed
+        in_group = dist.is_initialized() and self._is_in_embd_group()
         self._is_in_embd_group = lambda: False  # instance attribute shadows the method
         try:
             setup(self)
         finally:
             del self._is_in_embd_group
         if in_group:
-            torch.distributed.all_reduce(self.shared_embedding_or_output_weight().data, group=self.embd_group)
+            weight = self.shared_embedding_or_output_weight().data
+            nccl_needs_gpu = dist.get_backend(self.embd_group) == "nccl" and not weight.is_cuda
+            buf = weight.cuda() if nccl_needs_gpu else weight
+            dist.all_reduce(buf, group=self.embd_group)
+            weight.copy_(buf)
 
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer

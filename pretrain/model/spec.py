@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -42,9 +42,11 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from pretrain.config import ModelConfig
+from pretrain.parallel import use_gpu
 
 from .alibi import AlibiBias
-from .attention import KERNELS, CoreAttention, ScoreBias, flex_trains_captured_tensors
+from .attention import (AUTO_ORDER, KERNELS, SLOPES_ONLY, CoreAttention, ScoreBias, flex_trains_captured_tensors,
+                        kernel_unavailable)
 from .relative import KerpleBias, T5Bias
 from .sinusoidal import SinusoidalEmbedding
 
@@ -96,33 +98,51 @@ POSITIONS: dict[str, PositionSpec] = {
 }
 
 
-def resolve_backend(requested: str) -> str:
-    """auto -> flex on CUDA, sdpa elsewhere (FlexAttention's backward needs CUDA)."""
+def resolve_backend(requested: str, positions: Iterable[str] = ()) -> str:
+    """The attention kernel for `requested` (config `model.attention_backend`) that serves every
+    position method in `positions`. auto: on a GPU the first of attention.AUTO_ORDER that can run
+    here (FlashAttention-2 only where the score bias is ALiBi slopes or none), on a CPU sdpa
+    (FlexAttention's backward needs CUDA). Logged once."""
     if requested not in ("auto", *KERNELS):
         raise ValueError(f"attention_backend={requested!r} must be one of auto, {', '.join(KERNELS)}")
-    backend = requested if requested != "auto" else ("flex" if torch.cuda.is_available() else "sdpa")
-    _log_once(requested, backend)
+    gpu = use_gpu()
+    slopes_ok = all(POSITIONS[p].score_bias in (None, _alibi) and POSITIONS[p].shared_bias is None for p in positions)
+    if requested in SLOPES_ONLY and not slopes_ok:
+        raise ValueError(f"attention_backend={requested} adds ALiBi slopes only; position(s) {sorted(positions)} "
+                         "need another score bias: use flex or auto")
+    if requested == "auto":
+        candidates = [k for k in AUTO_ORDER if slopes_ok or k not in SLOPES_ONLY] if gpu else ["sdpa"]
+        reasons = {k: kernel_unavailable(k, gpu) for k in candidates}
+        backend = next(k for k in [*candidates, "sdpa"] if not reasons.get(k))
+        skipped = "; ".join(f"{k}: {r}" for k, r in reasons.items() if r and k != backend)
+    else:
+        backend, skipped = requested, ""
+        reason = kernel_unavailable(requested, gpu)
+        if reason and requested != "flex":  # flex: forward-only evaluation works on a CPU
+            raise ValueError(f"attention_backend={requested} {reason}; use auto")
+    _log_once(requested, backend, gpu, skipped)
     return backend
 
 
 def model_backend(cfg: ModelConfig) -> str:
     """The kernel this model's layers use: `resolve_backend`, except that a learned bias (t5,
-    kerple) trains through FlexAttention only where its compiled backward gives the gradient of
-    the tensors captured by the score_mod (checked once per process on the GPU, see
-    attention.flex_trains_captured_tensors); elsewhere it falls back to sdpa with a warning."""
-    backend = resolve_backend(cfg.attention_backend)
-    if (backend == "flex" and POSITIONS[cfg.position].shared_bias is not None and torch.cuda.is_available()
-            and not flex_trains_captured_tensors("cuda")):
-        log.warning("position=%s: this torch's FlexAttention gives no correct gradient for the learned bias "
-                    "captured in its score_mod; using the sdpa reference kernel instead", cfg.position)
+    kerple) trains through a FlexAttention kernel only where its compiled backward gives the
+    gradient of the tensors captured by the score_mod (checked once per process and kernel on the
+    GPU, see attention.flex_trains_captured_tensors); elsewhere it falls back to sdpa with a warning."""
+    backend = resolve_backend(cfg.attention_backend, [cfg.position])
+    if (backend in ("flex", "flex-flash") and POSITIONS[cfg.position].shared_bias is not None and use_gpu()
+            and not flex_trains_captured_tensors("cuda", backend)):
+        log.warning("position=%s: this torch's %s kernel gives no correct gradient for the learned bias "
+                    "captured in its score_mod; using the sdpa reference kernel instead", cfg.position, backend)
         return "sdpa"
     return backend
 
 
 @functools.cache
-def _log_once(requested: str, backend: str) -> None:
-    log.info("attention backend: %s (requested %s, CUDA available: %s)", backend, requested, torch.cuda.is_available())
-    if backend == "flex" and not torch.cuda.is_available():
+def _log_once(requested: str, backend: str, gpu: bool, skipped: str) -> None:
+    log.info("attention backend: %s (requested %s, GPU: %s)%s", backend, requested, gpu,
+             f"; not available: {skipped}" if skipped else "")
+    if backend == "flex" and not gpu:
         log.warning("attention_backend=flex without CUDA: forward only (torch has no CPU FlexAttention "
                     "backward), and each new length compiles for 20-45 s; use sdpa to train on CPU")
 

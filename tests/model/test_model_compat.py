@@ -54,3 +54,52 @@ def test_misuse_is_refused(single_process):
             build_model(small_config("alibi", heads=4))
     finally:
         init_model_parallel(tp=1)
+
+
+@pytest.mark.parametrize("position", ["alibi", "sinusoidal"])
+def test_skipped_megatron_init_changes_nothing(single_process, position):
+    """The trainer builds with perform_initialization=False (init_weights draws every parameter
+    anyway). The model is the same as with megatron's init then init_weights, bit for bit (a
+    parameter init_weights missed would keep megatron's values in one and garbage in the other),
+    and every weight keeps megatron's tensor-parallel attributes (what checkpoints and the
+    gradient norm read)."""
+    from pretrain.model.params import init_weights
+
+    cfg = small_config(position, heads=4)
+    models = []
+    for skip in (False, True):
+        model = build_model(cfg, params_dtype=torch.bfloat16,
+                            transformer_overrides={"perform_initialization": False} if skip else None)
+        init_weights(model, cfg, seed=3)
+        models.append(model)
+    attrs = ("tensor_model_parallel", "partition_dim", "partition_stride")
+    reference, skipped = (dict(m.named_parameters()) for m in models)
+    assert reference.keys() == skipped.keys()
+    for name, p in reference.items():
+        assert torch.equal(skipped[name], p), name
+        assert [getattr(skipped[name], a, None) for a in attrs] == [getattr(p, a, None) for a in attrs], name
+
+
+def test_fused_cross_entropy_matches_unfused_in_bf16(single_process):
+    """megatron-core's native fused cross-entropy (on for bf16 models): the same per-token loss
+    and the same gradients as the unfused vocab-parallel cross-entropy. (In fp32 it is off: its
+    backward casts the logits gradient to bf16.)"""
+    from pretrain.model.params import init_weights
+
+    cfg = small_config("alibi", heads=4)
+    ids, pos, labels = batch(cfg)
+    results = []
+    for fused in (False, True):
+        model = build_model(cfg, params_dtype=torch.bfloat16,
+                            transformer_overrides={"cross_entropy_loss_fusion": fused})
+        assert model.config.cross_entropy_loss_fusion is fused
+        init_weights(model, cfg, seed=0)
+        loss = model(ids, pos, None, labels=labels)  # [b, s] fp32
+        loss.sum().backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=0, atol=0, msg=name)
+    assert build_model(cfg).config.cross_entropy_loss_fusion is False  # fp32: the unfused path
+    assert build_model(cfg, params_dtype=torch.bfloat16).config.cross_entropy_loss_fusion is True

@@ -1,18 +1,35 @@
-"""FlexAttention path (ALiBi as score_mod over the TP rank's slopes, causal block_mask; the T5
-table and KERPLE kernel as score_mods over learned tensors) against a naive float64 attention,
-and against the SDPA reference on a GPU (forward and backward, learned parameters included)."""
+"""The attention kernels. FlexAttention (ALiBi as score_mod over the TP rank's slopes, causal
+block_mask; the T5 table and KERPLE kernel as score_mods over learned tensors) against a naive
+float64 attention on the CPU; on a GPU every installed fast kernel (flex, flex-flash, fa2) against
+the fp32-bias SDPA reference and a naive fp32 attention with the TP rank's slopes, forward and
+backward (learned parameters included), alone and inside the model. Kernel choice (auto's order,
+refusals with their fix) and the compile settings are checked on the CPU."""
 
+import logging
 import math
+from typing import get_args
 
 import pytest
 import torch
 
+from pretrain.config import AttentionBackend
 from pretrain.model import alibi_slopes
 from pretrain.model import AlibiBias
-from pretrain.model.attention import flex_kernel, sdpa_kernel
+from pretrain.model import attention, spec
+from pretrain.model.attention import KERNELS, flex_kernel, sdpa_kernel
 from pretrain.model.relative import KerpleBias, T5Bias
 
 from .test_model_reference import t5_bucket
+
+FAST = ["flex", "flex-flash", "fa2"]
+
+
+def gpu_kernel(name):
+    """The kernel `name` on this GPU, or a skip saying why it cannot run here."""
+    reason = attention.kernel_unavailable(name, torch.cuda.is_available())
+    if reason:
+        pytest.skip(f"{name}: {reason}")
+    return KERNELS[name]
 
 
 def naive_attention(q, k, v, slopes, causal, bias=None):
@@ -121,31 +138,41 @@ def test_flex_compiled_t5_forward_cpu_follows_the_trained_table():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
-def test_flex_matches_sdpa_reference_gpu_bf16_fwd_bwd(causal):
-    dev = "cuda"
-    q, k, v = (t.requires_grad_() for t in qkv(b=2, h=8, s=1024, d=128, dtype=torch.bfloat16, device=dev))
-    bias = AlibiBias(16, 2, 1)
+@pytest.mark.parametrize("name", FAST)
+def test_kernel_matches_references_gpu_bf16_fwd_bwd(name, causal):
+    kernel = gpu_kernel(name)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    # the model's real layout: megatron hands [s, b, np, hn]; CoreAttention views it as [b, np, s, hn]
+    base = [torch.randn(1024, 2, 8, 128, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
+            for _ in range(3)]
+    q, k, v = (t.permute(1, 2, 0, 3) for t in base)  # [b, np, s, hn], strided
+    bias = AlibiBias(16, 2, 1)  # rank 1 of TP=2: heads 8..15
     grad = torch.randn_like(q)
     outs, grads = [], []
-    for kernel in (flex_kernel, sdpa_kernel):  # rank 1 of TP=2: heads 8..15
-        out = kernel(q, k, v, bias=bias, causal=causal, scale=None)
-        (dq, dk, dv) = torch.autograd.grad(out, (q, k, v), grad)
+    for fn in (kernel, sdpa_kernel):
+        out = fn(q, k, v, bias=bias, causal=causal, scale=None)
         outs.append(out.float())
-        grads.append([g.float() for g in (dq, dk, dv)])
+        grads.append([t.float() for t in torch.autograd.grad(out, (q, k, v), grad)])
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+    # the TP head offset against slopes written out independently (global heads 8..15 of 16)
+    ref = naive_attention(*(t.detach().cpu() for t in (q, k, v)), alibi_slopes(16)[8:], causal)
+    torch.testing.assert_close(outs[0].double().cpu(), ref, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("position", ["alibi", "sinusoidal"])
-def test_model_flex_matches_sdpa_gpu(single_process, position):
+@pytest.mark.parametrize("name", FAST)
+def test_model_kernel_matches_sdpa_gpu(single_process, monkeypatch, name, position):
     from pretrain.model import build_model
 
     from .model_helpers import batch, small_config
 
+    gpu_kernel(name)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # the suite's CPU default: this test builds for the GPU
     results = []
-    for backend in ("flex", "sdpa"):
+    for backend in (name, "sdpa"):
         torch.manual_seed(0)
         cfg = small_config(position, heads=16, hidden_size=1024, seq_length=512, attention_backend=backend)
         model = build_model(cfg, params_dtype=torch.bfloat16).cuda()
@@ -153,9 +180,9 @@ def test_model_flex_matches_sdpa_gpu(single_process, position):
         loss = model(ids, pos, None, labels=labels)  # [b, s] fp32
         loss.mean().backward()
         results.append((loss.detach(), model.embedding.word_embeddings.weight.grad.float()))
-    (l_flex, g_flex), (l_ref, g_ref) = results
-    torch.testing.assert_close(l_flex, l_ref, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(g_flex, g_ref, rtol=5e-2, atol=5e-2 * g_ref.abs().max().item())
+    (l_fast, g_fast), (l_ref, g_ref) = results
+    torch.testing.assert_close(l_fast, l_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(g_fast, g_ref, rtol=5e-2, atol=5e-2 * g_ref.abs().max().item())
 
 
 @pytest.mark.gpu
@@ -181,19 +208,18 @@ def test_learned_flex_matches_sdpa_reference_gpu_fwd_bwd(position, causal):
 
 def test_learned_bias_falls_back_to_sdpa_where_flex_cannot_train_it(single_process, monkeypatch, caplog):
     # On a GPU whose torch gives no gradient for score_mod-captured tensors, t5/kerple use sdpa.
-    import logging
-
     from pretrain.model import build_model, spec
 
     from .model_helpers import small_config
 
-    monkeypatch.setattr(spec.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(spec, "flex_trains_captured_tensors", lambda device: False)
+    monkeypatch.setattr(spec, "use_gpu", lambda: True)
+    monkeypatch.setattr(spec, "kernel_unavailable", lambda name, gpu: None)
+    monkeypatch.setattr(spec, "flex_trains_captured_tensors", lambda device, kernel="flex": False)
     assert spec.model_backend(small_config("alibi", attention_backend="flex")) == "flex"  # nothing learned
     with caplog.at_level(logging.WARNING, logger="pretrain.model.spec"):
         assert spec.model_backend(small_config("t5", attention_backend="flex")) == "sdpa"
     assert "using the sdpa reference kernel" in caplog.text
-    monkeypatch.setattr(spec, "flex_trains_captured_tensors", lambda device: True)
+    monkeypatch.setattr(spec, "flex_trains_captured_tensors", lambda device, kernel="flex": True)
     model = build_model(small_config("kerple", attention_backend="flex"))
     assert model.decoder.layers[0].self_attention.core_attention.kernel is flex_kernel
 
@@ -204,3 +230,45 @@ def test_flex_trains_captured_tensors_on_this_gpu():
     from pretrain.model.attention import flex_trains_captured_tensors
 
     assert flex_trains_captured_tensors("cuda")
+
+
+def test_backend_names_and_auto_order(monkeypatch):
+    """Every kernel is a config value; auto takes the first of AUTO_ORDER that can run (sdpa on a
+    CPU), FlashAttention-2 only for ALiBi or no bias; an explicit kernel that cannot run, or fa2
+    with another bias, is refused with the fix."""
+    assert set(get_args(AttentionBackend)) == {"auto", *KERNELS}
+    assert spec.resolve_backend("auto", ["alibi"]) == "sdpa"  # this CPU
+    with pytest.raises(ValueError, match="attention_backend=fa2 needs a CUDA GPU.*use auto"):
+        spec.resolve_backend("fa2", ["alibi"])
+
+    missing = set()
+    monkeypatch.setattr(spec, "use_gpu", lambda: True)
+    monkeypatch.setattr(spec, "kernel_unavailable", lambda name, gpu: "not installed" if name in missing else None)
+    monkeypatch.setitem(spec.POSITIONS, "t5like", spec.PositionSpec("none", score_bias=lambda c, tp, r: object()))
+    assert spec.resolve_backend("auto", ["alibi", "sinusoidal"]) == "flex-flash"
+    missing.add("flex-flash")
+    assert spec.resolve_backend("auto", ["alibi"]) == "fa2"
+    assert spec.resolve_backend("auto", ["alibi", "t5like"]) == "flex"  # another bias: not fa2
+    with pytest.raises(ValueError, match="fa2 adds ALiBi slopes only.*t5like.*use flex or auto"):
+        spec.resolve_backend("fa2", ["t5like"])
+    with pytest.raises(ValueError, match="fa2 adds ALiBi slopes only, not a object"):
+        attention.fa2_kernel(*qkv(), bias=object(), causal=True, scale=None)
+    missing.update({"fa2", "flex"})
+    assert spec.resolve_backend("auto", ["alibi"]) == "sdpa"
+
+
+def test_compile_is_fullgraph_static_and_logs_recompiles(capfd, monkeypatch):
+    """The settings FlexAttention is compiled with, on a cheap function (the eager backend, no
+    inductor build): a new shape recompiles and says so; a graph break raises."""
+    monkeypatch.delenv("TORCH_LOGS", raising=False)
+    torch._dynamo.reset()
+    double = attention.compile_static(lambda x: x * 2, backend="eager")
+    double(torch.ones(4))
+    double(torch.ones(8))  # a new static shape: a recompile, logged with its reason
+    err = capfd.readouterr().err
+    assert "Recompiling function" in err and "size mismatch" in err, err
+    broken = attention.compile_static(lambda x: torch._dynamo.graph_break() or x + 1, backend="eager")
+    with pytest.raises(Exception, match="graph_break|Graph break|graph break"):
+        broken(torch.ones(4))
+    torch._logging.set_logs()
+    torch._dynamo.reset()

@@ -19,7 +19,7 @@ def submit(slurm, run_dir: Path, data: Path) -> int:
     a resumed run can only have started from the checkpoint the signal made."""
     env = (f"ALL,CONFIG=configs/tiny_alibi.yaml,RUN_DIR={run_dir},DATA={data},WANDB_MODE=disabled,"
            f"EXTRA_ARGS=--steps {STEPS} --log-interval 1 --save-interval 1000")
-    return slurm.sbatch("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", f"--export={env}",
+    return slurm.sbatch("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", f"--export={env}",
                         f"--output={run_dir}.out", "slurm/pretrain_1p3b.sh")
 
 

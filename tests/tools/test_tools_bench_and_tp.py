@@ -44,6 +44,7 @@ def test_benchmark_mode_table_json_and_chart(quick_job, tmp_path):
     md = (tmp_path / "benchmark.md").read_text()
     assert "attention kernel for all runs: sdpa" in md and "| tiny_alibi@64 / tiny_sinusoidal@128 |" in md
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
+    assert not list(tmp_path.rglob("checkpoints"))  # benchmark runs write none
 
 
 @pytest.mark.parametrize("layout,position", [("--tp", "alibi"), ("--pp", "alibi"), ("--tp", "rope")])
@@ -60,7 +61,7 @@ def test_tp2_or_pp2_trained_checkpoint_exports_exactly(quick_job, tmp_path, layo
         port = sock.getsockname()[1]
     procs = [subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=child_env(  # what torchrun sets, per rank
         RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1")) for r in range(2)]
+        OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")) for r in range(2)]
     try:
         assert [p.wait(timeout=300) for p in procs] == [0, 0]
     finally:

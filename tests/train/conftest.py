@@ -52,16 +52,28 @@ def _no_leftover_ranks():
                 p.wait()
 
 
-def launch(argv: list[str], world_size: int, env_extra: dict | None = None, **popen) -> list[subprocess.Popen]:
+# The launcher variables a test's own environment must not pass on to the ranks it starts.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                 "SLURM_LOCALID")
+
+
+def launch(argv: list[str], world_size: int, env_extra: dict | None = None, *, srun: bool = False,
+           **popen) -> list[subprocess.Popen]:
     """Start `world_size` ranks of `python argv...` the way torchrun would (RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR, MASTER_PORT), without torchrun's own start-up cost."""
-    port = free_port()
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT), without torchrun's own start-up cost, or with `srun`
+    the way `srun` inside slurm/pretrain_1p3b.sh would (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
+    and the script's MASTER_ADDR/MASTER_PORT). CPU ranks on any machine: CUDA hidden, DeepSpeed's
+    CPU accelerator (a GPU machine would otherwise give ranks 1..3 a GPU they cannot share)."""
+    port, cwd = free_port(), popen.pop("cwd", REPO)
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     procs = []
     for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", WANDB_MODE="offline",
-                   OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env_extra or {}))
-        procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=REPO, **popen))
+        ids = (dict(SLURM_PROCID=str(rank), SLURM_NTASKS=str(world_size), SLURM_LOCALID=str(rank)) if srun else
+               dict(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)))
+        env = dict(base, **ids, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
+                   CUDA_VISIBLE_DEVICES="", WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+                   **(env_extra or {}))
+        procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=cwd, **popen))
     STARTED.extend(procs)
     return procs
 

@@ -1,6 +1,6 @@
 """One rank of the layout-equivalence test: trains the tiny config for 5 steps in each layout
-given on the command line (tp,pp,zero[,activation checkpointing 0/1]), in one process group, and writes the losses and a
-checkpoint per layout. Run by tests/train/test_train_layouts.py."""
+given on the command line (tp,pp,zero[,activation checkpointing 0/1[,bf16 0/1]]), in one process
+group, and writes the losses and a checkpoint per layout. Run by tests/train/test_train_layouts.py."""
 
 import gc
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 out_dir, data_dir, config = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-layouts = [tuple(int(v) for v in (s + ",0").split(",")[:4]) for s in sys.argv[4:]]
+layouts = [tuple(int(v) for v in (s + ",0,0").split(",")[:5]) for s in sys.argv[4:]]
 
 from megatron.core import parallel_state as ps  # noqa: E402
 
@@ -25,11 +25,12 @@ from pretrain.schedule import lr_at  # noqa: E402
 
 STEPS = 5
 results = {}
-for tp, pp, zero, recompute in layouts:
+for tp, pp, zero, recompute, bf16 in layouts:
     cfg = load_config(config, ["train.steps=5", "train.global_batch_size=4", "train.micro_batch_size=1",
                                "optim.warmup_steps=1", "optim.lr=3.0e-3", "optim.grad_clip=1.0",
                                f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}",
-                               f"parallel.zero_stage={zero}", f"train.activation_checkpointing={bool(recompute)}"])
+                               f"parallel.zero_stage={zero}", f"train.activation_checkpointing={bool(recompute)}",
+                               f"train.precision={'bf16' if bf16 else 'fp32'}"])
     cfg.data.sources = [DataSource(path=data_dir)]
     world = int(os.environ.get("WORLD_SIZE", 1))
     cfg.validate(world)
@@ -37,7 +38,11 @@ for tp, pp, zero, recompute in layouts:
     data, layout = load_data(cfg), Layout.of(cfg, world)
     trainer = Trainer(cfg, layout)
     reader = BatchReader(build_train_dataset(cfg, data), cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-    name = f"tp{tp}_pp{pp}_z{zero}_w{world}" + ("_recompute" if recompute else "")
+    name = f"tp{tp}_pp{pp}_z{zero}_w{world}" + ("_recompute" if recompute else "") + ("_bf16" if bf16 else "")
+    engine = trainer.engine
+    setup = {"bf16": engine.bfloat16_enabled(), "communication": str(engine.communication_data_type),
+             "overlap_comm": engine.zero_overlap_comm(), "contiguous_gradients": engine.zero_contiguous_gradients(),
+             "optimizer": type(engine.optimizer).__name__}
     losses = [trainer.train_step(reader.micro_batches(s), lr_at(s, cfg.optim, STEPS)).loss for s in range(STEPS)]
     cfg.validation.tokens, cfg.validation.length_multipliers = 2048, [1, 2, 4]
     ppl = validate_ppl(trainer, cfg, split_tokens(data_dir, "valid", cfg.validation.tokens))
@@ -53,7 +58,7 @@ for tp, pp, zero, recompute in layouts:
     _, meta = resume(trainer, scan(out_dir / name))
     assert meta["step"] == STEPS and meta["consumed_samples"] == STEPS * 4, meta
     resumed = [trainer.train_step(reader.micro_batches(s), lr_at(s, cfg.optim, STEPS)).loss for s in (5, 6)]
-    results[name] = {"losses": losses, "ppl": ppl, "continued": continued, "resumed": resumed}
+    results[name] = {"losses": losses, "ppl": ppl, "continued": continued, "resumed": resumed, "setup": setup}
     del trainer, reader
     gc.collect()
 

@@ -118,6 +118,8 @@ def test_train_loss_falls_and_metrics_reach_jsonl_and_wandb(uninterrupted):
     first = sum(rec[s]["loss"] for s in range(1, 6)) / 5
     last = sum(rec[s]["loss"] for s in range(STEPS - 4, STEPS + 1)) / 5
     assert last < first - 1.0, f"loss did not fall: first 5 steps {first:.3f}, last 5 {last:.3f}"
+    for r in rec.values():  # what the run ran on, in every record
+        assert [r[k] for k in ("attention_kernel", "device", "precision")] == ["sdpa", "cpu", "fp32"]
     val = records(uninterrupted, "validation")
     assert sorted(val) == [10, 20, 30]
     assert all(math.isfinite(val[30][f"val/ppl_at_{n}"]) for n in (64, 128, 256))

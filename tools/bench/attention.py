@@ -7,13 +7,21 @@ Variants (causal, b = tokens // L sequences, h heads of d):
                      way to add ALiBi; falls off the flash kernel)
   sdpa-ref-fp32bias  the model's reference path (pretrain.model.attention.sdpa_kernel: fp32 bias,
                      q/k/v upcast to fp32)
-  sdpa-flash-nobias  SDPA is_causal, flash kernel, no bias (the ceiling)
+  sdpa-flash-nobias  SDPA is_causal, flash kernel, no bias
+  sdpa-cudnn-nobias  SDPA is_causal, cuDNN kernel, no bias
+  alibi-flex-flash, sinusoidal-flex-flash   FlexAttention on its FlashAttention-4 backend, and
+  alibi-fa2, sinusoidal-fa2                 FlashAttention-2 (alibi_slopes): where installed
   t5-flex, kerple-flex          FlexAttention, the learned T5 table / KERPLE kernel as score_mod
                                 (on a GPU the backward includes the bias parameters' gradients)
   t5-sdpa-ref, kerple-sdpa-ref  the model's reference path for them (dense fp32 bias)
+The ceiling is the fastest no-bias variant at each L (`x ceil`: time over the ceiling's); `x fam`
+compares each biased variant with the no-bias variant of its own kernel family (ALiBi's goal: <= 1.10).
+q/k/v are laid out as the model hands them to the kernel: megatron's [s, b, np, hn] viewed as
+[b, np, s, hn] (strided; --contiguous for contiguous [b, np, s, hn] tensors).
 FLOPs counted for every variant as the causal half of 4*b*h*L^2*d forward, x3.5 forward+backward.
 Outputs are checked (max abs diff in the table) against sdpa-ref-fp32bias for the ALiBi
 variants, the method's own *-sdpa-ref for T5 and KERPLE, and sdpa-flash-nobias for the others.
+A variant that fails is reported, not fatal.
 
 GPU:  python tools/bench/attention.py --out docs/bench_attention.json
 CPU smoke (tiny sizes, flex forward-only in eager mode: CPU flex has no backward):
@@ -31,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.model import AlibiBias
-from pretrain.model.attention import flex_kernel, sdpa_kernel
+from pretrain.model.attention import fa2_kernel, flex_flash_kernel, flex_kernel, kernel_unavailable, sdpa_kernel
 from pretrain.model.relative import KerpleBias, T5Bias
 
 
@@ -40,22 +48,32 @@ def variants(h: int, L: int, dev: str, dtype: torch.dtype, smoke: bool):
     flex = dict(compiled=not smoke)
     bias = alibi.dense(L, True, dev).to(dtype)  # [h, L, L], -inf above the diagonal
 
-    def flash(q, k, v):
-        if dev == "cuda":
-            from torch.nn.attention import SDPBackend, sdpa_kernel as backend
+    def sdpa_nobias(backend_name):
+        def run(q, k, v):
+            if dev == "cuda":
+                from torch.nn.attention import SDPBackend, sdpa_kernel as backend
 
-            with backend(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                with backend(getattr(SDPBackend, backend_name)):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    return {
+        return run
+
+    out = {
         "alibi-flex": (lambda q, k, v: flex_kernel(q, k, v, bias=alibi, causal=True, scale=None, **flex), True),
         "sinusoidal-flex": (lambda q, k, v: flex_kernel(q, k, v, bias=None, causal=True, scale=None, **flex), False),
         "sdpa-bias": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), True),
         "sdpa-ref-fp32bias": (lambda q, k, v: sdpa_kernel(q, k, v, bias=alibi, causal=True, scale=None), True),
-        "sdpa-flash-nobias": (flash, False),
+        "sdpa-flash-nobias": (sdpa_nobias("FLASH_ATTENTION"), False),
+        "sdpa-cudnn-nobias": (sdpa_nobias("CUDNN_ATTENTION"), False),
         **learned_variants(h, dev, flex),
     }
+    for name, kernel in (("flex-flash", flex_flash_kernel), ("fa2", fa2_kernel)):
+        if not kernel_unavailable(name, dev == "cuda"):
+            out[f"alibi-{name}"] = (lambda q, k, v, f=kernel: f(q, k, v, bias=alibi, causal=True, scale=None), True)
+            out[f"sinusoidal-{name}"] = (lambda q, k, v, f=kernel: f(q, k, v, bias=None, causal=True, scale=None),
+                                         False)
+    return out
 
 
 def learned_variants(h: int, dev: str, flex: dict) -> dict:
@@ -100,50 +118,71 @@ def measure(fn, q, k, v, backward: bool, iters: int, dev: str) -> tuple[float, f
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="sequence lengths L")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None,
+                    help="sequence lengths L; None: 1024 2048 (--smoke: 64 128)")
     ap.add_argument("--heads", type=int, default=16, help="attention heads (the 1.3B model: 16)")
     ap.add_argument("--head-dim", type=int, default=128, help="head dimension (the 1.3B model: 128)")
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per batch (b = tokens // L)")
     ap.add_argument("--iters", type=int, default=20, help="timed calls per variant (the median is reported)")
-    ap.add_argument("--smoke", action="store_true", help="tiny CPU-sized run (L 64/128, 4 heads of 16, fp32)")
+    ap.add_argument("--smoke", action="store_true", help="tiny run on the CPU (L 64/128, 4 heads of 16, fp32)")
+    ap.add_argument("--contiguous", action="store_true",
+                    help="contiguous [b, h, L, d] inputs instead of the model's strided views")
     ap.add_argument("--out", default="bench_attention.json", help="JSON results file")
     args = ap.parse_args(argv)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
-        args.lengths, args.heads, args.head_dim, args.tokens, args.iters = [64, 128], 4, 16, 512, 2
+        args.lengths, args.heads, args.head_dim, args.tokens, args.iters = args.lengths or [64, 128], 4, 16, 512, 2
     elif dev == "cpu":
         ap.error("no CUDA device: the full benchmark needs a GPU; use --smoke for a CPU run")
+    args.lengths = args.lengths or [1024, 2048]
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     rows = []
     for L in args.lengths:
         b = max(1, args.tokens // L)
-        q, k, v = (torch.randn(b, args.heads, L, args.head_dim, device=dev, dtype=dtype, requires_grad=True)
-                   for _ in range(3))
+        shape = (b, args.heads, L, args.head_dim) if args.contiguous else (L, b, args.heads, args.head_dim)
+        leaves = [torch.randn(*shape, device=dev, dtype=dtype, requires_grad=True) for _ in range(3)]
+        q, k, v = leaves if args.contiguous else (t.permute(1, 2, 0, 3) for t in leaves)  # [b, h, L, d]
         fwd_flops = 4 * b * args.heads * L * L * args.head_dim / 2
-        refs = {}
-        vs = variants(args.heads, L, dev, dtype, args.smoke)
-        for name, (fn, alibi) in vs.items():
+        refs, here = {}, []
+        for name, (fn, alibi) in variants(args.heads, L, dev, dtype, args.smoke).items():
             backward = dev == "cuda" or "flex" not in name
-            sec, peak, out = measure(fn, q, k, v, backward, args.iters, dev)
+            row = dict(variant=name, L=L, batch=b, heads=args.heads, head_dim=args.head_dim,
+                       layout="contiguous" if args.contiguous else "model", dtype=str(dtype).removeprefix("torch."),
+                       mode="fwd+bwd" if backward else "fwd", alibi=alibi)
+            try:
+                sec, peak, out = measure(fn, q, k, v, backward, args.iters, dev)
+            except Exception as e:  # one kernel failing must not cost the others' numbers
+                rows.append(dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+                continue
             if name in ("sdpa-ref-fp32bias", "sdpa-flash-nobias") or name.endswith("-sdpa-ref"):
                 refs[alibi] = out
-            rows.append(dict(variant=name, L=L, batch=b, heads=args.heads, head_dim=args.head_dim,
-                             dtype=str(dtype).removeprefix("torch."), mode="fwd+bwd" if backward else "fwd",
-                             ms=sec * 1e3, tflops=fwd_flops * (3.5 if backward else 1.0) / sec / 1e12,
-                             peak_gib=peak, alibi=alibi, _out=out))
-        for r in rows[-len(vs):]:
+            here.append(dict(row, ms=sec * 1e3, tflops=fwd_flops * (3.5 if backward else 1.0) / sec / 1e12,
+                             peak_gib=peak, _out=out))
+        ceiling = min((r["ms"] for r in here if not r["alibi"] and r["mode"] == "fwd+bwd"), default=None)
+        for r in here:
             out = r.pop("_out")
             r["max_abs_diff_vs_ref"] = (out.float() - refs[r["alibi"]].float()).abs().max().item()
+            r["x_ceiling"] = r["ms"] / ceiling if ceiling and r["mode"] == "fwd+bwd" else None
+            method, _, kernel = r["variant"].partition("-")  # the same kernel without a score bias
+            twin = f"sinusoidal-{kernel}" if method in ("alibi", "t5", "kerple") else None
+            family = next((x for x in here if x["variant"] == twin), None)
+            r["x_family"] = r["ms"] / family["ms"] if family else None
+        rows += here
     device = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     result = {"device": device, "torch": torch.__version__, "smoke": args.smoke, "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"device: {device}, torch {torch.__version__}")
-    print(f"{'variant':<20}{'L':>6}{'b':>4} {'mode':<8}{'ms':>9}{'TFLOP/s':>9}{'peak GiB':>10}{'diff':>10}")
+    print(f"{'variant':<22}{'L':>6}{'b':>4} {'mode':<8}{'ms':>9}{'TFLOP/s':>9}{'peak GiB':>10}{'diff':>10}"
+          f"{'x ceil':>8}{'x fam':>7}")
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     for r in rows:
-        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
-        diff = f"{r['max_abs_diff_vs_ref']:.1e}"
-        print(f"{r['variant']:<20}{r['L']:>6}{r['batch']:>4} {r['mode']:<8}{r['ms']:>9.3f}{r['tflops']:>9.3g}{peak:>10}{diff:>10}")
+        if "error" in r:
+            print(f"{r['variant']:<22}{r['L']:>6}{r['batch']:>4} failed: {r['error']}")
+            continue
+        print(f"{r['variant']:<22}{r['L']:>6}{r['batch']:>4} {r['mode']:<8}{r['ms']:>9.3f}{r['tflops']:>9.3g}"
+              f"{fmt(r['peak_gib'], '.2f'):>10}{r['max_abs_diff_vs_ref']:>10.1e}{fmt(r['x_ceiling'], '.2f'):>8}"
+              f"{fmt(r['x_family'], '.2f'):>7}")
     return rows
 
 

@@ -49,9 +49,10 @@ def run_one(spec: BenchSpec, *, data: str, steps: int, tokens_per_batch: int, ba
     if (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()  # a fresh measurement, not a resumed one
     cmd = train_cmd(spec.config, run_dir, data, "--steps", str(steps), "--seq-length", str(spec.seq_length),
-                    "--micro-batch", str(micro), "--log-interval", "1", "--save-interval", str(10**9), overrides=[
+                    "--micro-batch", str(micro), "--log-interval", "1", overrides=[
                         f"train.global_batch_size={micro}", f"model.attention_backend={backend}",
-                        "validation.interval=0", "optim.warmup_steps=0", "wandb.enabled=false", *overrides])
+                        "validation.interval=0", "optim.warmup_steps=0", "wandb.enabled=false",
+                        "checkpoint.enabled=false", *overrides])  # no checkpoint written or resumed
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, env=child_env())
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -75,7 +76,8 @@ def benchmark(specs: list[BenchSpec], *, data: str, steps: int, warmup: int, tok
               backend: str, out_dir: Path, overrides: list[str] = ()) -> dict:
     from pretrain.model.spec import resolve_backend
 
-    kernel = resolve_backend(backend)  # the same family for every run; "auto" resolved here, stated
+    # the same kernel for every run (one that serves every config's position); "auto" resolved here, stated
+    kernel = resolve_backend(backend, [load_config(s.config).model.position for s in specs])
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [summarize(s, run_one(s, data=data, steps=steps, tokens_per_batch=tokens_per_batch, backend=kernel,
                                  out_dir=out_dir, overrides=list(overrides)), warmup, tokens_per_batch)
