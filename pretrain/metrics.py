@@ -92,8 +92,11 @@ class MetricsLogger:
             self.run.define_metric("*", step_metric="step")
         from tqdm import tqdm
 
+        # In a log file (SLURM), not a terminal: an ASCII bar (the console lines on stdout share the
+        # file, and a multi-byte bar character cut by them is not UTF-8) redrawn once a minute.
+        tty = sys.stderr.isatty()
         self.bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", dynamic_ncols=True,
-                        mininterval=1.0)
+                        mininterval=1.0 if tty else 60.0, ascii=not tty)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

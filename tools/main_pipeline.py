@@ -69,7 +69,7 @@ def build_data(out: Path, s: Settings) -> tuple[Path, Path]:
     data = out / "data"
     if not (data / "manifest.json").is_file():
         m = preprocess(sorted(corpus.glob("default.*")), tok, data, valid_fraction=0.05, quiet=True,
-                       eval_length=max(s.length_multipliers) * s.seq_length)  # sizes the valid-split warning
+                       eval_length=max(s.length_multipliers) * model_config("alibi", s).model.seq_length)
         print(f"tokens: train {m['splits']['train']['tokens']}, valid {m['splits']['valid']['tokens']}")
     print(f"done in {time.time() - t:.0f} s: {data}")
     return tok, data

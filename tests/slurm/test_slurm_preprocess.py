@@ -70,7 +70,9 @@ def test_slurm_preprocess_sh_retries_a_failed_task(slurm, corpus_and_tokenizer, 
         time.sleep(0.2)
     # SIGKILL, as a node failure would: a plain scancel sends SIGTERM first, which submitit's
     # task ignores, so on a quiet machine the task could finish its chunks inside KillWait.
-    slurm.run("scancel", "--signal=KILL", running[0])
+    # --full: the task's batch shell too, not only its steps (a task that is RUNNING may not have
+    # started its step yet, and then a steps-only signal reaches nothing).
+    slurm.run("scancel", "--full", "--signal=KILL", running[0])
     info = slurm.wait(job, 180)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text
