@@ -26,6 +26,9 @@ def run(script: str, *args: str) -> tuple[subprocess.CompletedProcess, float]:
 @pytest.mark.parametrize("script,args", [
     ("tools/convert_to_hf.py", []), ("tools/eval_extrapolation.py", []), ("tools/compare_runs.py", []),
     ("tools/compare_runs.py", ["runs"]), ("tools/compare_runs.py", ["bench"]), ("pretrain/train.py", []),
+    ("tools/main_job.py", []), ("tools/gpu_check.py", []), ("tools/bench/attention.py", []),
+    ("tools/bench/train.py", []), ("tools/bench/preprocess.py", []), ("data_prep/preprocess.py", []),
+    ("data_prep/train_tokenizer.py", []), ("data_prep/corpus.py", []),
 ])
 def test_help_answers_in_under_two_seconds(script, args):
     """Measured on the 2-core CI machine: 0.1-0.25 s each (docs/design.md); the bound is generous."""

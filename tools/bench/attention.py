@@ -34,16 +34,18 @@ import argparse
 import json
 import platform
 import time
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-
-from pretrain.model import AlibiBias
-from pretrain.model.attention import fa2_kernel, flex_flash_kernel, flex_kernel, kernel_unavailable, sdpa_kernel
-from pretrain.model.relative import KerpleBias, T5Bias
+if TYPE_CHECKING:  # torch and the model's kernels are imported where used: --help stays instant
+    import torch
 
 
 def variants(h: int, L: int, dev: str, dtype: torch.dtype, smoke: bool):
+    import torch.nn.functional as F
+
+    from pretrain.model import AlibiBias
+    from pretrain.model.attention import fa2_kernel, flex_flash_kernel, flex_kernel, kernel_unavailable, sdpa_kernel
+
     alibi = AlibiBias(h, 1, 0)
     flex = dict(compiled=not smoke)
     bias = alibi.dense(L, True, dev).to(dtype)  # [h, L, L], -inf above the diagonal
@@ -79,6 +81,9 @@ def variants(h: int, L: int, dev: str, dtype: torch.dtype, smoke: bool):
 def learned_variants(h: int, dev: str, flex: dict) -> dict:
     """T5 (T5's 32 buckets, max distance 128) and KERPLE at their init, flex and reference; the
     bias parameters take gradients where the backward runs (GPU), as in training."""
+    from pretrain.model.attention import flex_kernel, sdpa_kernel
+    from pretrain.model.relative import KerpleBias, T5Bias
+
     out = {}
     for name, bias in (("t5", T5Bias(h, 1, 0, num_buckets=32, max_distance=128, hidden_size=1024)),
                        ("kerple", KerpleBias(h, 1, 0))):
@@ -90,6 +95,8 @@ def learned_variants(h: int, dev: str, flex: dict) -> dict:
 
 def measure(fn, q, k, v, backward: bool, iters: int, dev: str) -> tuple[float, float | None, torch.Tensor]:
     """Median seconds per call and peak memory (GiB above the inputs; None on CPU)."""
+    import torch
+
     grad = torch.randn_like(q)
     if not backward:  # CPU flex refuses inputs that require grad
         q, k, v = (t.detach() for t in (q, k, v))
@@ -129,6 +136,8 @@ def main(argv=None) -> list[dict]:
                     help="contiguous [b, h, L, d] inputs instead of the model's strided views")
     ap.add_argument("--out", default="bench_attention.json", help="JSON results file")
     args = ap.parse_args(argv)
+    import torch
+
     dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
         args.lengths, args.heads, args.head_dim, args.tokens, args.iters = args.lengths or [64, 128], 4, 16, 512, 2

@@ -21,15 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from pretrain.config import Config, load_config
+from pretrain.config import Config, load_config  # light (no torch): --help stays instant
 from pretrain.parallel import Layout
 
 
 def measure(cfg: Config, layout: Layout, steps: int, warmup: int) -> dict:
     """Train `warmup + steps` steps of random tokens; timings of the last `steps` only. Nothing
     is written (no checkpoint, no run directory)."""
+    import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -92,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the result(s) as JSON here")
     ap.add_argument("overrides", nargs="*", help="key.path=value config overrides (YAML value)")
     args = ap.parse_args(argv)
+    import torch
 
     from pretrain.parallel import init_model_parallel, read_env, use_gpu
 
