@@ -68,11 +68,17 @@ def test_slurm_preprocess_sh_retries_a_failed_task(slurm, corpus_and_tokenizer, 
         assert time.monotonic() < deadline and slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), \
             log.read_text()
         time.sleep(0.2)
-    # SIGKILL, as a node failure would: a plain scancel sends SIGTERM first, which submitit's
-    # task ignores, so on a quiet machine the task could finish its chunks inside KillWait.
-    # --full: the task's batch shell too, not only its steps (a task that is RUNNING may not have
-    # started its step yet, and then a steps-only signal reaches nothing).
-    slurm.run("scancel", "--full", "--signal=KILL", running[0])
+    # A task is RUNNING before its batch script has started the step that runs the python (srun,
+    # step .0; the .batch step comes first): a signal sent then reaches no process, and the task
+    # goes on to finish. Wait for step .0.
+    while f"{running[0]}.0" not in slurm.run("squeue", "-h", "-s", "-j", running[0], "-o", "%i").split():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    # The task dies at once, as on a node failure. Not `--signal=KILL`: SLURM turns that into a
+    # cancel (SIGTERM, which submitit's task ignores, then SIGKILL after KillWait), and a task
+    # that finishes its chunks inside KillWait (they take seconds) then counts as done. SIGABRT
+    # is delivered as it is and ends the python at once.
+    slurm.run("scancel", "--signal=ABRT", running[0])
     info = slurm.wait(job, 180)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text
