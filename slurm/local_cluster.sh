@@ -159,12 +159,23 @@ start() {
   [[ -n $(sacctmgr -n -P list cluster format=cluster "cluster=$CLUSTER") ]] || sacctmgr -i add cluster "$CLUSTER" >/dev/null
   alive "$DIR/run/slurmctld.pid" || slurmctld </dev/null >>"$DIR/log/slurmctld.out" 2>&1
   alive "$DIR/run/slurmd.pid" || slurmd </dev/null >>"$DIR/log/slurmd.out" 2>&1
+  sleep 1
+  # a job still completing when the daemons were killed leaves the node 'comp' (or down) in the
+  # saved state, and every job then waits on it: no job can run here yet, so clear it
+  if [[ $(timeout 5 sinfo -h -n "$HOST" -o %t 2>/dev/null) =~ ^(comp|down|drain) ]]; then
+    scontrol update nodename="$HOST" state=down reason="local_cluster.sh restart" &&
+      scontrol update nodename="$HOST" state=resume && log "cleared node $HOST left over from a stopped job"
+  fi
   wait_for 30 "node $HOST" node_up
   log "ready in $((SECONDS - t0)) s: export SLURM_CONF=$SLURM_CONF"
 }
 
 stop() {
   local pidfile pid
+  if alive "$DIR/run/slurmctld.pid" && [[ -n $(squeue -h -o %A 2>/dev/null) ]]; then
+    scancel --full $(squeue -h -o %A) 2>/dev/null  # jobs end before their daemons do
+    for _ in $(seq 100); do [[ -z $(squeue -h -o %A 2>/dev/null) ]] && break; sleep 0.1; done
+  fi
   for pidfile in "$DIR"/run/slurmd.pid "$DIR"/run/slurmctld.pid "$DIR"/run/slurmdbd.pid \
     "$DIR"/db/mariadb.pid "$DIR"/munge/munged.pid; do
     pid=$(daemon_pid "$pidfile") || continue
