@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 from pretrain.config import RESUME_HARMLESS, Config, config_changes, from_dict, to_dict
 from pretrain.parallel import Layout, accelerator_device
+from pretrain.rundir import write_atomic
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
@@ -228,15 +229,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, Any], tokenizer: dict) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     from megatron.core import parallel_state as ps
@@ -279,13 +271,13 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
             **extra,
             "files": dict(sorted(kv for share in shares for kv in share.items())),
         }
-        _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+        write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(root)
-        _write_atomic(root / "latest", final.name + "\n")
+        write_atomic(root / "latest", final.name + "\n")
         _prune(root, cfg.checkpoint.keep_last)
     dist.barrier()
     return final

@@ -132,7 +132,15 @@ def write_config(run_dir: str | Path, config: dict, step: int) -> Path | None:
         return None
     history = run_dir / f"config.step_{step:08d}.yaml"
     history.write_text(text)
-    tmp = current.with_name("config.yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, current)
+    write_atomic(current, text)
     return history
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary name, fsync, rename: readers see the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
