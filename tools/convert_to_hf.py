@@ -49,8 +49,8 @@ def convert(checkpoint: str | Path, output: str | Path, max_positions: int | Non
                 f"was trained with {recorded.get('path')}): pass --tokenizer X.model")
     elif not Path(tokenizer).is_file():
         raise FileNotFoundError(f"--tokenizer {tokenizer} does not exist")
-    elif file_sha256(tokenizer) != recorded.get("sha256"):
-        raise ValueError(f"--tokenizer {tokenizer} (sha256 {file_sha256(tokenizer)[:12]}) is not the tokenizer the "
+    elif (sha := file_sha256(tokenizer)) != recorded.get("sha256"):
+        raise ValueError(f"--tokenizer {tokenizer} (sha256 {sha[:12]}) is not the tokenizer the "
                          f"run was trained with ({recorded.get('path')}, sha256 {recorded.get('sha256', '?')[:12]}): "
                          "pass that one; another tokenizer maps the ids to other text")
     from transformers import GenerationConfig
