@@ -22,7 +22,8 @@ first of `AUTO_ORDER` that can run here):
   2.13 implements only the forward).
 - `flex_flash_kernel`: the same FlexAttention call on its FlashAttention-4 backend
   (`kernel_options={"BACKEND": "FLASH"}`, CuTe DSL, Hopper/Blackwell, the `flash-attn-4`
-  package); any score bias.
+  package, torch >= 2.13); any score bias. Offered only after one small forward+backward on
+  this GPU matched sdpa (`_flash_backend_error`).
 - `fa2_kernel`: FlashAttention-2's `flash_attn_func` with `alibi_slopes` (fp32, the TP rank's
   heads), or no bias; `flash-attn` >= 2.4, Ampere or newer. Other score biases are refused.
 """
@@ -34,6 +35,7 @@ import importlib
 import inspect
 import logging
 import os
+import re
 from typing import Callable, Protocol
 
 import torch
@@ -134,15 +136,28 @@ SLOPES_ONLY = {"fa2"}
 """Kernels that take ALiBi as per-head slopes and no other score bias."""
 
 
-def _importable(module: str) -> bool:
+FLEX_FLASH_TORCH = (2, 13)
+"""FlexAttention's FLASH backend trains without monkey-patches from this torch on (torch 2.11 needs
+patches and a correctness test: SpecForge PR #714, docs/reference.md)."""
+
+
+def _import_error(module: str) -> str | None:
+    """None if `module` imports here, else why not. A broken install (e.g. a flash_attn built for
+    another torch: an undefined-symbol ImportError, or an OSError from its .so) is a reason, not a crash."""
     try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a broken parent package (e.g. a flash_attn built for another torch)
-        return False
+        importlib.import_module(module)
+    except Exception as e:  # any failure of a third-party import means: this kernel is not available
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    return None
+
+
+def _torch_version() -> tuple[int, int]:
+    return tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
 
 
 def kernel_unavailable(name: str, gpu: bool) -> str | None:
-    """Why kernel `name` cannot train here (None: it can); `gpu`: this process runs on a CUDA GPU."""
+    """Why kernel `name` cannot train here (None: it can); `gpu`: this process runs on a CUDA GPU.
+    On a GPU, flex-flash must also pass one small forward+backward against sdpa (`_flash_backend_error`)."""
     if name == "sdpa":
         return None
     if not gpu:
@@ -151,17 +166,47 @@ def kernel_unavailable(name: str, gpu: bool) -> str | None:
     if name == "flex-flash":
         if major < 9:
             return f"needs a Hopper or newer GPU (compute capability {major}.x)"
-        if not _importable("flash_attn.cute"):
-            return "needs the flash-attn-4 package (FlexAttention's FLASH backend imports flash_attn.cute)"
+        if _torch_version() < FLEX_FLASH_TORCH:
+            return (f"FlexAttention's FLASH backend needs torch >= {'.'.join(map(str, FLEX_FLASH_TORCH))} "
+                    f"(this is {torch.__version__}, where it trains only with patches)")
+        error = _import_error("flash_attn.cute")
+        if error:
+            return f"needs the flash-attn-4 package (FlexAttention's FLASH backend imports flash_attn.cute: {error})"
+        error = _flash_backend_error("cuda")
+        if error:
+            return f"failed its forward+backward check on this GPU: {error}"
     if name == "fa2":
         if major < 8:
             return f"needs an Ampere or newer GPU (compute capability {major}.x)"
-        if not _importable("flash_attn"):
-            return "needs the flash-attn package (>= 2.4, which added alibi_slopes)"
+        error = _import_error("flash_attn")
+        if error:
+            return f"needs the flash-attn package (>= 2.4, which added alibi_slopes); importing it: {error}"
         from flash_attn import flash_attn_func
 
         if "alibi_slopes" not in inspect.signature(flash_attn_func).parameters:
             return "needs flash-attn >= 2.4 (alibi_slopes)"
+    return None
+
+
+@functools.cache
+def _flash_backend_error(device: str) -> str | None:
+    """None if FlexAttention's FLASH backend runs a small causal ALiBi-style forward+backward here and
+    matches sdpa (output and q/k/v gradients), else why not. Once per process."""
+    from .alibi import AlibiBias
+
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 256, 64, device=device, generator=g, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    bias = AlibiBias(4, 1, 0)
+    try:
+        outs = [fn(q, k, v, bias=bias, causal=True, scale=None) for fn in (flex_flash_kernel, sdpa_kernel)]
+        grads = [torch.autograd.grad(o.float().square().sum(), (q, k, v)) for o in outs]
+    except Exception as e:  # a torch or flash-attn-4 that cannot run it raises: the kernel is unavailable
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    for what, a, b in [("output", *outs), *zip(("dq", "dk", "dv"), *grads)]:
+        err = (a.float() - b.float()).abs().max().item()
+        if not err <= 2e-2 * b.float().abs().max().item() + 1e-2:
+            return f"{what} differs from sdpa by {err:.3g}"
     return None
 
 

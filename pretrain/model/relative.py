@@ -44,6 +44,13 @@ def t5_bucket_of_distance(num_buckets: int, max_distance: int) -> torch.Tensor:
     return torch.where(n < exact, n, large.floor().clamp(max=num_buckets - 1)).long()
 
 
+@functools.cache
+def _lut_on(num_buckets: int, max_distance: int, device: str) -> torch.Tensor:
+    """`t5_bucket_of_distance` on `device`, copied there once per process: every layer (and every
+    forward) reads the same device tensor instead of copying the table from the host again."""
+    return t5_bucket_of_distance(num_buckets, max_distance).to(device)
+
+
 def t5_bucket(rel: torch.Tensor, lut: torch.Tensor, causal: bool, num_buckets: int) -> torch.Tensor:
     """Bucket of each relative position rel = j - i (int tensor, any shape; also a score_mod's
     scalar index). lut: `t5_bucket_of_distance` for the buckets of one side (num_buckets if
@@ -83,7 +90,7 @@ class T5Bias(torch.nn.Module):
         return torch.empty(self.num_buckets, self.num_heads).normal_(0.0, self.init_std, generator=generator)
 
     def _lut(self, causal: bool, device) -> torch.Tensor:
-        return t5_bucket_of_distance(self.num_buckets // (1 if causal else 2), self.max_distance).to(device)
+        return _lut_on(self.num_buckets // (1 if causal else 2), self.max_distance, str(torch.device(device)))
 
     def dense(self, s: int, causal: bool, device) -> torch.Tensor:
         """fp32 [h, s, s]: table[bucket(j - i)], -inf above the diagonal when causal."""

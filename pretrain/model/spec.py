@@ -128,13 +128,16 @@ def model_backend(cfg: ModelConfig) -> str:
     """The kernel this model's layers use: `resolve_backend`, except that a learned bias (t5,
     kerple) trains through a FlexAttention kernel only where its compiled backward gives the
     gradient of the tensors captured by the score_mod (checked once per process and kernel on the
-    GPU, see attention.flex_trains_captured_tensors); elsewhere it falls back to sdpa with a warning."""
+    GPU, see attention.flex_trains_captured_tensors): flex-flash falls back to flex (Triton), flex
+    to sdpa, each with a warning."""
     backend = resolve_backend(cfg.attention_backend, [cfg.position])
-    if (backend in ("flex", "flex-flash") and POSITIONS[cfg.position].shared_bias is not None and use_gpu()
-            and not flex_trains_captured_tensors("cuda", backend)):
-        log.warning("position=%s: this torch's %s kernel gives no correct gradient for the learned bias "
-                    "captured in its score_mod; using the sdpa reference kernel instead", cfg.position, backend)
-        return "sdpa"
+    if POSITIONS[cfg.position].shared_bias is None or not use_gpu():
+        return backend
+    for kernel, fallback in (("flex-flash", "flex"), ("flex", "sdpa")):
+        if backend == kernel and not flex_trains_captured_tensors("cuda", kernel):
+            log.warning("position=%s: this torch's %s kernel gives no correct gradient for the learned bias "
+                        "captured in its score_mod; using the %s kernel instead", cfg.position, kernel, fallback)
+            backend = fallback
     return backend
 
 

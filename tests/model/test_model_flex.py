@@ -206,6 +206,27 @@ def test_learned_flex_matches_sdpa_reference_gpu_fwd_bwd(position, causal):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item())
 
 
+def test_t5_bucket_table_reaches_the_device_once():
+    """Each of a model's layers builds its score_mod (flex) or dense bias (sdpa) from the one T5
+    module at every forward: the bucket table is copied to the device once per process, not once
+    per layer and step (a host-to-device copy each; "meta" stands in for the GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            Copies.count += "copy" in func.__name__ and out.device.type == "meta"  # host -> "device"
+            return out
+
+    bias = T5Bias(4, 1, 0, num_buckets=12, max_distance=40, hidden_size=64)
+    with Copies():
+        for _layer in range(24):
+            bias.score_mod(True, "meta")
+    assert Copies.count <= 1, f"{Copies.count} copies of the bucket table for 24 layers"
+
+
 def test_learned_bias_falls_back_to_sdpa_where_flex_cannot_train_it(single_process, monkeypatch, caplog):
     # On a GPU whose torch gives no gradient for score_mod-captured tensors, t5/kerple use sdpa.
     from pretrain.model import build_model, spec
@@ -218,10 +239,65 @@ def test_learned_bias_falls_back_to_sdpa_where_flex_cannot_train_it(single_proce
     assert spec.model_backend(small_config("alibi", attention_backend="flex")) == "flex"  # nothing learned
     with caplog.at_level(logging.WARNING, logger="pretrain.model.spec"):
         assert spec.model_backend(small_config("t5", attention_backend="flex")) == "sdpa"
-    assert "using the sdpa reference kernel" in caplog.text
+    assert "using the sdpa kernel instead" in caplog.text
     monkeypatch.setattr(spec, "flex_trains_captured_tensors", lambda device, kernel="flex": True)
     model = build_model(small_config("kerple", attention_backend="flex"))
     assert model.decoder.layers[0].self_attention.core_attention.kernel is flex_kernel
+
+
+def test_learned_bias_falls_back_from_flex_flash_to_flex_not_sdpa(single_process, monkeypatch, caplog):
+    # flex-flash without a correct gradient for the captured table: the next FlexAttention kernel
+    # (Triton flex, where it trains the table), not the dense-bias sdpa path.
+    from pretrain.model import spec
+
+    from .model_helpers import small_config
+
+    monkeypatch.setattr(spec, "use_gpu", lambda: True)
+    monkeypatch.setattr(spec, "kernel_unavailable", lambda name, gpu: None)
+    monkeypatch.setattr(spec, "flex_trains_captured_tensors", lambda device, kernel="flex": kernel == "flex")
+    with caplog.at_level(logging.WARNING, logger="pretrain.model.spec"):
+        assert spec.model_backend(small_config("t5", attention_backend="flex-flash")) == "flex"
+        assert spec.model_backend(small_config("kerple", attention_backend="auto")) == "flex"
+    assert "flex-flash kernel gives no correct gradient" in caplog.text and "using the flex kernel" in caplog.text
+    monkeypatch.setattr(spec, "flex_trains_captured_tensors", lambda device, kernel="flex": False)
+    assert spec.model_backend(small_config("t5", attention_backend="flex-flash")) == "sdpa"  # neither trains it
+
+
+def fake_hopper(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(spec, "use_gpu", lambda: True)
+
+
+def test_broken_flash_attn_install_is_a_reason_not_a_crash(tmp_path, monkeypatch):
+    """A flash_attn built for another torch fails at import (undefined symbol): auto says why and
+    takes the next kernel; nothing raises."""
+    (tmp_path / "flash_attn").mkdir()
+    (tmp_path / "flash_attn" / "__init__.py").write_text(
+        "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake_hopper(monkeypatch)
+    reason = attention.kernel_unavailable("fa2", True)
+    assert reason.startswith("needs the flash-attn package") and "undefined symbol" in reason, reason
+    assert "flash_attn.cute" in attention.kernel_unavailable("flex-flash", True)
+    assert spec.resolve_backend("auto", ["alibi"]) == "flex"
+
+
+def test_flex_flash_on_torch_2_11_says_why_and_auto_takes_the_next_kernel(monkeypatch):
+    """torch 2.11 (the device image's) has the FLASH backend only with patches: refused with the
+    reason; an explicit request is refused with the fix, auto takes flex (fa2 is not installed here)."""
+    fake_hopper(monkeypatch)
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    reason = attention.kernel_unavailable("flex-flash", True)
+    assert reason == ("FlexAttention's FLASH backend needs torch >= 2.13 (this is 2.11.0+cu130, where it "
+                      "trains only with patches)")
+    assert spec.resolve_backend("auto", ["alibi"]) == "flex"
+    with pytest.raises(ValueError, match="attention_backend=flex-flash FlexAttention's FLASH backend needs torch"):
+        spec.resolve_backend("flex-flash", ["alibi"])
+
+
+def test_flash_backend_check_reports_failure_instead_of_raising():
+    # Where the FLASH backend cannot run (here: a CPU), the forward+backward check returns why.
+    assert isinstance(attention._flash_backend_error.__wrapped__("cpu"), str)
 
 
 @pytest.mark.gpu
