@@ -1,23 +1,27 @@
-"""One GPU's check before a large allocation: attention parity, kernel speed, 1.3B training speed.
+"""One GPU's check before a large allocation: 1.3B training speed, attention parity, kernel speed.
 
-    python tools/gpu_check.py [--out DIR] [--stages tests train_alibi train_sinusoidal attention] [--smoke]
+    python tools/gpu_check.py [--out DIR] [--deadline 540] [--stages ...] [--limit STAGE=S ...] [--plan] [--smoke]
 
-Each stage runs as its own subprocess under its own time limit (a stall costs that stage only),
-logs to DIR/<stage>.log and leaves its numbers in DIR/<stage>.json; the summary table comes
-last and everything is collected in DIR/gpu_check.json. On one H100/H200 the four stages take
-under 8 minutes in all (limits 150 + 120 + 120 + 90 s):
+Stages run in order of value, each as its own subprocess (a stall or crash costs that stage
+only) under its own time limit, all under one global deadline (default 540 s: a 600 s command
+keeps time for the summary); a stage that would start past it is skipped, one that reaches it is
+cut there. Everything is on disk the moment it is measured: the stages' JSON, one log with every
+stage's output, and gpu_check.json and summary.txt, rewritten after each stage; the attention
+stage rewrites its JSON after every row. At most 6 files in DIR, no subfolder.
 
-  tests             the gpu-marked tests: every installed fast attention kernel (flex, flex-flash,
-                    fa2) vs the fp32-bias SDPA reference and a naive attention with the TP rank's
-                    slopes, forward and backward, alone and in the model
   train_alibi       tools/bench/train.py, 1.3B ALiBi at L=1024, micro-batch 16 (16,384 tokens per
                     step), bf16, the real DeepSpeed engine: tokens/s/GPU, TFLOP/s, MFU, peak memory
                     beside the --dry-run estimate
   train_sinusoidal  the same for 1.3B sinusoidal at L=2048, micro-batch 8 (the same tokens per step)
-  attention         tools/bench/attention.py at L=1024 and 2048: ALiBi kernels vs the fastest no-bias one
+  tests             the gpu-marked tests: every fast attention kernel that can run here (flex,
+                    flex-flash, fa2) vs the fp32-bias SDPA reference and a naive attention with the
+                    TP rank's slopes, forward and backward, alone and in the model
+  attention         tools/bench/attention.py at L=1024 and 2048: ALiBi kernels vs the fastest
+                    no-bias one; a kernel that cannot run here is listed with the reason
 
---smoke runs the same stages on the CPU with tiny configs (seconds; the test suite does, so this
-tool cannot rot between GPU slots). docs/benchmarks.md says how to run it without network.
+--plan prints the stages, their limits and the expected total and runs nothing. --smoke runs
+the same stages on the CPU with tiny configs (the test suite does, so this tool cannot rot
+between GPU slots). docs/benchmarks.md says how to install the dependencies without network.
 """
 
 from __future__ import annotations
@@ -32,17 +36,27 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 from tools.jobs import ROOT, child_env
 
-PYTEST = ["-m", "pytest", "tests/model/test_model_flex.py", "-q", "-p", "no:cacheprovider",
+PYTEST = ["-m", "pytest", "tests/model/test_model_flex.py", "-v", "-p", "no:cacheprovider",
           "-o", "addopts=-ra --import-mode=importlib"]  # path-restricted: no data-prep conftest (zstandard)
+LOG, REPORT, SUMMARY = "gpu_check.log", "gpu_check.json", "summary.txt"
+LOG_CAP = 15 * 2**20
+"""The log is cut to its last 15 MiB at the end (files that come back from a GPU slot: < 16 MiB)."""
+RESERVE_S = 15
+"""Seconds of the deadline kept for the summary; a stage with less than MIN_STAGE_S left is skipped."""
+MIN_STAGE_S = 20
 
 
 @dataclass(frozen=True)
 class Stage:
     limit_s: int
+    """Time limit with cold caches (first FlexAttention compiles, see expected_s)."""
+    expected_s: int
+    """Expected time on one H100/H200 from cold (docs/benchmarks.md: the assumptions)."""
     gpu: list[str]
     """Arguments after `python` on a GPU; "{out}" is the stage's JSON file."""
     smoke: list[str]
@@ -54,52 +68,65 @@ def _train(config: str, micro: int, *extra: str) -> list[str]:
             "--out", "{out}"]
 
 
-STAGES = {
-    "tests": Stage(150, [*PYTEST, "-m", "gpu"], [*PYTEST, "-m", "not gpu and not slow"]),
-    "train_alibi": Stage(120, _train("gpt_1p3b_alibi_L1024", 16, "--steps", "6", "--warmup", "2"),
+STAGES = {  # in order of value: a slot cut short keeps the most important numbers
+    "train_alibi": Stage(200, 110, _train("gpt_1p3b_alibi_L1024", 16, "--steps", "6", "--warmup", "2"),
                          _train("tiny_alibi", 8, "--steps", "2", "--warmup", "1")),
-    "train_sinusoidal": Stage(120, _train("gpt_1p3b_sinusoidal_L2048", 8, "--steps", "6", "--warmup", "2"),
+    "train_sinusoidal": Stage(160, 90, _train("gpt_1p3b_sinusoidal_L2048", 8, "--steps", "6", "--warmup", "2"),
                               _train("tiny_sinusoidal", 4, "--steps", "2", "--warmup", "1", "model.seq_length=128")),
-    "attention": Stage(90, ["-m", "tools.bench.attention", "--lengths", "1024", "2048", "--iters", "10",
-                            "--out", "{out}"],
+    "tests": Stage(200, 150, [*PYTEST, "-m", "gpu"], [*PYTEST, "-m", "not gpu and not slow"]),
+    "attention": Stage(160, 120, ["-m", "tools.bench.attention", "--lengths", "1024", "2048", "--iters", "10",
+                                  "--out", "{out}"],
                        ["-m", "tools.bench.attention", "--smoke", "--out", "{out}"]),
 }
 
 
-def run_stage(name: str, stage: Stage, out: Path, smoke: bool, env: dict[str, str]) -> dict:
-    """Run one stage in its own process group; kill the group at the time limit."""
+def run_stage(name: str, argv: list[str], limit_s: float, out: Path, env: dict[str, str]) -> dict:
+    """Run one stage in its own process group, its output appended to the one log; kill the
+    group at the time limit. Whatever it wrote to its JSON before is kept."""
     result_file = out / f"{name}.json"
     result_file.unlink(missing_ok=True)
-    argv = [sys.executable, *(a.replace("{out}", str(result_file)) for a in (stage.smoke if smoke else stage.gpu))]
+    argv = [sys.executable, *(a.replace("{out}", str(result_file)) for a in argv)]
     t0 = time.monotonic()
-    with open(out / f"{name}.log", "w") as log:
-        log.write("+ " + " ".join(argv) + "\n")
+    with open(out / LOG, "a") as log:
+        log.write(f"\n===== {name} (limit {limit_s:.0f} s): {' '.join(argv)}\n")
         log.flush()
+        start = log.tell()
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = proc.wait(timeout=stage.limit_s)
+            code = proc.wait(timeout=limit_s)
             status = "ok" if code == 0 else f"failed (exit {code})"
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            status = f"timeout ({stage.limit_s} s)"
+            status = f"timeout ({limit_s:.3g} s)"
     record = {"stage": name, "status": status, "seconds": round(time.monotonic() - t0, 1), "argv": argv[1:]}
     if result_file.exists():
         record["result"] = json.loads(result_file.read_text())
-    log_text = (out / f"{name}.log").read_text()
+    with open(out / LOG, errors="replace") as log:
+        log.seek(start)
+        log_text = log.read()
     if name == "tests":
-        outcome = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|error).*?)\s*=*$", log_text, re.M)
-        record["result"] = {"summary": outcome[-1] if outcome else "no pytest summary"}
+        record["result"] = {"summary": pytest_outcome(log_text)}
     if status != "ok":
         record["log_tail"] = log_text.splitlines()[-15:]
     return record
+
+
+def pytest_outcome(log_text: str) -> str:
+    """pytest's last summary line; after a time-out, the per-test lines counted so far."""
+    summary = re.findall(r"^=+ (\d+ (?:passed|failed|skipped|error|deselected).*?) =+$", log_text, re.M)
+    if summary:
+        return summary[-1]
+    counts = {w: len(re.findall(rf"::\S+ {w.upper()}\b", log_text)) for w in ("passed", "failed", "skipped", "error")}
+    return ", ".join(f"{n} {w}" for w, n in counts.items() if n) + " before it stopped" if any(counts.values()) \
+        else "no pytest result"
 
 
 def describe(record: dict) -> str:
     """One line of numbers per stage for the summary table."""
     result = record.get("result")
     if not result:
-        return "; ".join(record.get("log_tail", [])[-2:])[:160]
+        return "; ".join(record.get("log_tail", [])[-2:])[:160] or "no output"
     if record["stage"] == "tests":
         return result["summary"]
     if record["stage"].startswith("train"):
@@ -107,14 +134,20 @@ def describe(record: dict) -> str:
         return (f"L={r['seq_length']} micro {r['micro_batch_size']}: {r['tokens_per_s_per_gpu']:,.0f} tok/s/GPU, "
                 f"{r['tflops_per_gpu']:.1f} TFLOP/s, MFU {r['mfu']:.1%}, peak {r['peak_mem_gb']:.1f} GB "
                 f"(estimate {r['estimate_gb']:.1f}), {r['precision']}, kernel {r['attention_kernel']}")
+    rows = result["rows"]
     parts = []
-    for L in sorted({r["L"] for r in result["rows"]}):
-        rows = [r for r in result["rows"] if r["L"] == L and "error" not in r and r["alibi"] and r["x_ceiling"]]
-        best = min(rows, key=lambda r: r["ms"], default=None)
+    for L in sorted({r["L"] for r in rows}):  # ALiBi kernels only: T5 and KERPLE rows have their own method
+        timed = [r for r in rows if r["L"] == L and r.get("method") == "alibi" and r.get("x_ceiling")]
+        best = min(timed, key=lambda r: r["ms"], default=None)
         if best:
             family = f", {best['x_family']:.2f}x its no-bias twin" if best["x_family"] else ""
             parts.append(f"L={L}: fastest ALiBi {best['variant']} {best['x_ceiling']:.2f}x the ceiling{family}")
-    return "; ".join(parts) or "no timed fwd+bwd ALiBi variant (CPU smoke: flex runs forward only)"
+    skipped = sorted({r["variant"].partition("-")[2] for r in rows if "skipped" in r})
+    if skipped:
+        parts.append(f"not run here: {', '.join(skipped)} (reasons in {record['stage']}.json)")
+    if not any(p.startswith("L=") for p in parts):
+        parts.insert(0, "no timed fwd+bwd ALiBi variant (CPU smoke: flex runs forward only)")
+    return f"{len(rows)} rows; " + "; ".join(parts)
 
 
 def paper_comparison(records: dict[str, dict]) -> dict | None:
@@ -128,12 +161,89 @@ def paper_comparison(records: dict[str, dict]) -> dict | None:
             "kernels": [a["attention_kernel"], s["attention_kernel"]]}
 
 
+def summary_lines(device: str, torch_version: str, records: dict[str, dict]) -> list[str]:
+    width = max((len(n) for n in records), default=5)
+    lines = [f"summary ({device}, torch {torch_version}):"]
+    for name, r in records.items():
+        lines.append(f"  {name:<{width}}  {r['status']:<16} {r['seconds']:>6.0f} s  {describe(r)}")
+    comparison = paper_comparison(records)
+    if comparison:
+        lines.append(f"  ALiBi L vs sinusoidal 2L at {comparison['tokens_per_step'][0]:,} tokens/step: tokens/s "
+                     f"x{comparison['speed_ratio']:.3f}, peak memory x{comparison['memory_ratio']:.3f} (paper: ~1.11x "
+                     f"faster, ~0.89x memory), kernels {'/'.join(comparison['kernels'])}")
+    return lines
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def cap_log(path: Path, cap: int = LOG_CAP) -> None:
+    """Keep the log's last `cap` bytes (a file that comes back from a GPU slot must stay < 16 MiB)."""
+    if path.exists() and path.stat().st_size > cap:
+        with open(path, "rb") as f:
+            f.seek(-cap, os.SEEK_END)
+            tail = f.read()
+        path.write_bytes(b"[... earlier output cut to keep this log under 16 MiB ...]\n" + tail)
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of what the stages use (None: not installed; the stage then says why)."""
+    out = {}
+    for dist in ("torch", "triton", "transformers", "megatron-core", "deepspeed", "flash-attn", "flash-attn-4"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def parse_limits(items: list[str]) -> dict[str, float]:
+    limits = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if name not in STAGES or seconds <= 0:
+            raise ValueError(f"--limit {item!r}: want STAGE=SECONDS with STAGE one of {', '.join(STAGES)} "
+                             "and SECONDS > 0")
+        limits[name] = seconds
+    return limits
+
+
+def plan(stages: list[str], limits: dict[str, float], deadline: float) -> list[str]:
+    lines = [f"{'stage':<18}{'limit s':>8}{'expected s':>12}   (expected: one H100/H200, cold compile caches)"]
+    for name in stages:
+        lines.append(f"{name:<18}{limits.get(name, STAGES[name].limit_s):>8.0f}{STAGES[name].expected_s:>12}")
+    expected = sum(STAGES[n].expected_s for n in stages)
+    worst = sum(limits.get(n, STAGES[n].limit_s) for n in stages)
+    lines.append(f"expected total {expected} s; every limit reached: {worst:.0f} s; global deadline {deadline:.0f} s "
+                 f"({RESERVE_S} s of it kept for the summary): a stage is cut at the deadline, later ones skipped")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("gpu_check_out"), help="logs, per-stage JSON and gpu_check.json")
+    ap.add_argument("--out", type=Path, default=Path("gpu_check_out"), help="gpu_check.json, summary.txt, one log, "
+                    "each stage's JSON (at most 6 files)")
     ap.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="stages to run, in order")
+    ap.add_argument("--deadline", type=float, default=540, help="seconds for the whole check, summary included")
+    ap.add_argument("--limit", nargs="+", default=[], metavar="STAGE=S", help="override stages' time limits")
+    ap.add_argument("--plan", action="store_true", help="print the stages, their limits and the expected total; run nothing")
     ap.add_argument("--smoke", action="store_true", help="the same stages on the CPU with tiny configs (seconds)")
     args = ap.parse_args(argv)
+    t_start = time.monotonic()
+    try:
+        limits = parse_limits(args.limit)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.plan:
+        print("\n".join(plan(args.stages, limits, args.deadline)))
+        return 0
     import torch
 
     from pretrain.parallel import use_gpu
@@ -142,35 +252,39 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("no CUDA GPU to check (or DS_ACCELERATOR is set to another accelerator); run on a GPU node, "
                  "or use --smoke for the CPU run")
     args.out.mkdir(parents=True, exist_ok=True)
+    for name in (LOG, REPORT, SUMMARY, *(f"{n}.json" for n in STAGES)):
+        (args.out / name).unlink(missing_ok=True)
     # each stage is one process of its own: no rendezvous inherited from this process or a SLURM step
     env = {k: v for k, v in child_env().items() if k not in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")}
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-               PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+               PYTHONUNBUFFERED="1", WANDB_MODE="disabled",
+               CUDA_DEVICE_MAX_CONNECTIONS="1")  # as slurm/pretrain_1p3b.sh: megatron's TP overlap needs it
     if args.smoke:
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")  # the CPU, even on a GPU machine
     else:
         env.setdefault("NCCL_SOCKET_IFNAME", "lo")  # one process: NCCL needs no network interface
     device = "CPU smoke" if args.smoke else torch.cuda.get_device_name()
-    print(f"gpu_check: {device}, torch {torch.__version__}, stages {' '.join(args.stages)} -> {args.out}", flush=True)
-    records = {}
+    print(f"gpu_check: {device}, torch {torch.__version__}, stages {' '.join(args.stages)}, deadline "
+          f"{args.deadline:.0f} s -> {args.out}", flush=True)
+    report = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "versions": versions(),
+              "python": platform.python_version(), "smoke": args.smoke, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "deadline_s": args.deadline, "stages": {}, "alibi_vs_sinusoidal": None}
+    records = report["stages"]
     for name in args.stages:
-        records[name] = run_stage(name, STAGES[name], args.out, args.smoke, env)
+        stage = STAGES[name]
+        left = args.deadline - RESERVE_S - (time.monotonic() - t_start)
+        if left < MIN_STAGE_S:
+            records[name] = {"stage": name, "status": "skipped (deadline)", "seconds": 0.0}
+        else:
+            limit = min(limits.get(name, stage.limit_s), left)
+            records[name] = run_stage(name, stage.smoke if args.smoke else stage.gpu, limit, args.out, env)
+        report["alibi_vs_sinusoidal"] = paper_comparison(records)
+        write_atomic(args.out / REPORT, json.dumps(report, indent=1) + "\n")
+        write_atomic(args.out / SUMMARY, "\n".join(summary_lines(device, torch.__version__, records)) + "\n")
         print(f"  {name}: {records[name]['status']} in {records[name]['seconds']} s", flush=True)
-    comparison = paper_comparison(records)
-    report = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
-              "python": platform.python_version(), "smoke": args.smoke, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "stages": records,
-              "alibi_vs_sinusoidal": comparison}
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
-
-    width = max(len(n) for n in records)
-    print(f"\nsummary ({device}, torch {torch.__version__}):")
-    for name, r in records.items():
-        print(f"  {name:<{width}}  {r['status']:<16} {r['seconds']:>6.0f} s  {describe(r)}")
-    if comparison:
-        print(f"  ALiBi L vs sinusoidal 2L at {comparison['tokens_per_step'][0]:,} tokens/step: tokens/s "
-              f"x{comparison['speed_ratio']:.3f}, peak memory x{comparison['memory_ratio']:.3f} (paper: ~1.11x faster, "
-              f"~0.89x memory), kernels {'/'.join(comparison['kernels'])}")
-    print(f"wrote {args.out / 'gpu_check.json'}")
+    cap_log(args.out / LOG)
+    print("\n" + "\n".join(summary_lines(device, torch.__version__, records)))
+    print(f"wrote {args.out / REPORT}")
     return 0 if all(r["status"] == "ok" for r in records.values()) else 1
 
 

@@ -21,7 +21,11 @@ q/k/v are laid out as the model hands them to the kernel: megatron's [s, b, np, 
 FLOPs counted for every variant as the causal half of 4*b*h*L^2*d forward, x3.5 forward+backward.
 Outputs are checked (max abs diff in the table) against sdpa-ref-fp32bias for the ALiBi
 variants, the method's own *-sdpa-ref for T5 and KERPLE, and sdpa-flash-nobias for the others.
-A variant that fails is reported, not fatal.
+A variant that fails is reported, not fatal; one that cannot run here (flex-flash, fa2: no
+GPU, not installed, a torch without the feature) is listed as skipped with the reason, and the
+other kernels are measured. Each row is printed and --out rewritten (atomically) the moment it
+is measured, references first, then the model's kernels: a time-out keeps every row taken; the
+table with the ratios comes last.
 
 GPU:  python tools/bench/attention.py --out docs/bench_attention.json
 CPU smoke (tiny sizes, flex forward-only in eager mode: CPU flex has no backward):
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from typing import TYPE_CHECKING
@@ -40,7 +45,13 @@ if TYPE_CHECKING:  # torch and the model's kernels are imported where used: --he
     import torch
 
 
-def variants(h: int, L: int, dev: str, dtype: torch.dtype, smoke: bool):
+REFERENCE = {"alibi": "sdpa-ref-fp32bias", "none": "sdpa-flash-nobias", "t5": "t5-sdpa-ref", "kerple": "kerple-sdpa-ref"}
+"""Each method's reference variant: the others' outputs are compared with it (so it runs first)."""
+
+
+def variants(h: int, L: int, dev: str, dtype: torch.dtype, smoke: bool) -> dict:
+    """name -> (fn(q, k, v) or the reason it cannot run here, method), most valuable first after
+    the references: the model's kernels (flex, flex-flash, fa2) before the usual and learned ones."""
     import torch.nn.functional as F
 
     from pretrain.model import AlibiBias
@@ -62,24 +73,28 @@ def variants(h: int, L: int, dev: str, dtype: torch.dtype, smoke: bool):
         return run
 
     out = {
-        "alibi-flex": (lambda q, k, v: flex_kernel(q, k, v, bias=alibi, causal=True, scale=None, **flex), True),
-        "sinusoidal-flex": (lambda q, k, v: flex_kernel(q, k, v, bias=None, causal=True, scale=None, **flex), False),
-        "sdpa-bias": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), True),
-        "sdpa-ref-fp32bias": (lambda q, k, v: sdpa_kernel(q, k, v, bias=alibi, causal=True, scale=None), True),
-        "sdpa-flash-nobias": (sdpa_nobias("FLASH_ATTENTION"), False),
-        "sdpa-cudnn-nobias": (sdpa_nobias("CUDNN_ATTENTION"), False),
-        **learned_variants(h, dev, flex),
+        "sdpa-ref-fp32bias": (lambda q, k, v: sdpa_kernel(q, k, v, bias=alibi, causal=True, scale=None), "alibi"),
+        "sdpa-flash-nobias": (sdpa_nobias("FLASH_ATTENTION"), "none"),
+        "alibi-flex": (lambda q, k, v: flex_kernel(q, k, v, bias=alibi, causal=True, scale=None, **flex), "alibi"),
+        "sinusoidal-flex": (lambda q, k, v: flex_kernel(q, k, v, bias=None, causal=True, scale=None, **flex), "none"),
     }
     for name, kernel in (("flex-flash", flex_flash_kernel), ("fa2", fa2_kernel)):
-        if not kernel_unavailable(name, dev == "cuda"):
-            out[f"alibi-{name}"] = (lambda q, k, v, f=kernel: f(q, k, v, bias=alibi, causal=True, scale=None), True)
-            out[f"sinusoidal-{name}"] = (lambda q, k, v, f=kernel: f(q, k, v, bias=None, causal=True, scale=None),
-                                         False)
+        # where a kernel cannot run here, its rows say why and the next kernels are measured
+        reason = kernel_unavailable(name, dev == "cuda")
+        out[f"alibi-{name}"] = (reason or (lambda q, k, v, f=kernel: f(q, k, v, bias=alibi, causal=True, scale=None)),
+                                "alibi")
+        out[f"sinusoidal-{name}"] = (reason or (lambda q, k, v, f=kernel: f(q, k, v, bias=None, causal=True, scale=None)),
+                                     "none")
+    out.update({
+        "sdpa-bias": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), "alibi"),
+        "sdpa-cudnn-nobias": (sdpa_nobias("CUDNN_ATTENTION"), "none"),
+        **learned_variants(h, dev, flex),
+    })
     return out
 
 
 def learned_variants(h: int, dev: str, flex: dict) -> dict:
-    """T5 (T5's 32 buckets, max distance 128) and KERPLE at their init, flex and reference; the
+    """T5 (T5's 32 buckets, max distance 128) and KERPLE at their init, reference and flex; the
     bias parameters take gradients where the backward runs (GPU), as in training."""
     from pretrain.model.attention import flex_kernel, sdpa_kernel
     from pretrain.model.relative import KerpleBias, T5Bias
@@ -88,8 +103,8 @@ def learned_variants(h: int, dev: str, flex: dict) -> dict:
     for name, bias in (("t5", T5Bias(h, 1, 0, num_buckets=32, max_distance=128, hidden_size=1024)),
                        ("kerple", KerpleBias(h, 1, 0))):
         bias = bias.to(dev).requires_grad_(dev == "cuda")  # CPU flex refuses tensors that require grad
-        out[f"{name}-flex"] = (lambda q, k, v, b=bias: flex_kernel(q, k, v, bias=b, causal=True, scale=None, **flex), name)
         out[f"{name}-sdpa-ref"] = (lambda q, k, v, b=bias: sdpa_kernel(q, k, v, bias=b, causal=True, scale=None), name)
+        out[f"{name}-flex"] = (lambda q, k, v, b=bias: flex_kernel(q, k, v, bias=b, causal=True, scale=None, **flex), name)
     return out
 
 
@@ -145,54 +160,75 @@ def main(argv=None) -> list[dict]:
         ap.error("no CUDA device: the full benchmark needs a GPU; use --smoke for a CPU run")
     args.lengths = args.lengths or [1024, 2048]
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    rows = []
+    device = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    print(f"device: {device}, torch {torch.__version__}")
+    print(f"{'variant':<22}{'L':>6}{'b':>4} {'mode':<8}{'ms':>9}{'TFLOP/s':>9}{'peak GiB':>10}{'diff':>10}", flush=True)
+    rows: list[dict] = []
     for L in args.lengths:
         b = max(1, args.tokens // L)
         shape = (b, args.heads, L, args.head_dim) if args.contiguous else (L, b, args.heads, args.head_dim)
         leaves = [torch.randn(*shape, device=dev, dtype=dtype, requires_grad=True) for _ in range(3)]
         q, k, v = leaves if args.contiguous else (t.permute(1, 2, 0, 3) for t in leaves)  # [b, h, L, d]
         fwd_flops = 4 * b * args.heads * L * L * args.head_dim / 2
-        refs, here = {}, []
-        for name, (fn, alibi) in variants(args.heads, L, dev, dtype, args.smoke).items():
+        refs = {}
+        for name, (fn, method) in variants(args.heads, L, dev, dtype, args.smoke).items():
             backward = dev == "cuda" or "flex" not in name
             row = dict(variant=name, L=L, batch=b, heads=args.heads, head_dim=args.head_dim,
                        layout="contiguous" if args.contiguous else "model", dtype=str(dtype).removeprefix("torch."),
-                       mode="fwd+bwd" if backward else "fwd", alibi=alibi)
-            try:
-                sec, peak, out = measure(fn, q, k, v, backward, args.iters, dev)
-            except Exception as e:  # one kernel failing must not cost the others' numbers
-                rows.append(dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
-                continue
-            if name in ("sdpa-ref-fp32bias", "sdpa-flash-nobias") or name.endswith("-sdpa-ref"):
-                refs[alibi] = out
-            here.append(dict(row, ms=sec * 1e3, tflops=fwd_flops * (3.5 if backward else 1.0) / sec / 1e12,
-                             peak_gib=peak, _out=out))
-        ceiling = min((r["ms"] for r in here if not r["alibi"] and r["mode"] == "fwd+bwd"), default=None)
-        for r in here:
-            out = r.pop("_out")
-            r["max_abs_diff_vs_ref"] = (out.float() - refs[r["alibi"]].float()).abs().max().item()
-            r["x_ceiling"] = r["ms"] / ceiling if ceiling and r["mode"] == "fwd+bwd" else None
-            method, _, kernel = r["variant"].partition("-")  # the same kernel without a score bias
-            twin = f"sinusoidal-{kernel}" if method in ("alibi", "t5", "kerple") else None
-            family = next((x for x in here if x["variant"] == twin), None)
-            r["x_family"] = r["ms"] / family["ms"] if family else None
-        rows += here
-    device = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
-    result = {"device": device, "torch": torch.__version__, "smoke": args.smoke, "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"device: {device}, torch {torch.__version__}")
-    print(f"{'variant':<22}{'L':>6}{'b':>4} {'mode':<8}{'ms':>9}{'TFLOP/s':>9}{'peak GiB':>10}{'diff':>10}"
+                       mode="fwd+bwd" if backward else "fwd", method=method, alibi=method == "alibi")
+            if isinstance(fn, str):
+                row["skipped"] = fn
+            else:
+                try:
+                    sec, peak, out = measure(fn, q, k, v, backward, args.iters, dev)
+                except Exception as e:  # one kernel failing must not cost the others' numbers
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                else:
+                    if name == REFERENCE[method]:
+                        refs[method] = out
+                    ref = refs.get(method)
+                    row.update(ms=sec * 1e3, tflops=fwd_flops * (3.5 if backward else 1.0) / sec / 1e12, peak_gib=peak,
+                               max_abs_diff_vs_ref=None if ref is None else (out.float() - ref.float()).abs().max().item())
+            rows.append(row)
+            add_ratios(rows)
+            write_atomic(args.out, {"device": device, "torch": torch.__version__, "smoke": args.smoke, "rows": rows})
+            print(format_row(row), flush=True)
+    print(f"\n{'variant':<22}{'L':>6}{'b':>4} {'mode':<8}{'ms':>9}{'TFLOP/s':>9}{'peak GiB':>10}{'diff':>10}"
           f"{'x ceil':>8}{'x fam':>7}")
-    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     for r in rows:
-        if "error" in r:
-            print(f"{r['variant']:<22}{r['L']:>6}{r['batch']:>4} failed: {r['error']}")
-            continue
-        print(f"{r['variant']:<22}{r['L']:>6}{r['batch']:>4} {r['mode']:<8}{r['ms']:>9.3f}{r['tflops']:>9.3g}"
-              f"{fmt(r['peak_gib'], '.2f'):>10}{r['max_abs_diff_vs_ref']:>10.1e}{fmt(r['x_ceiling'], '.2f'):>8}"
-              f"{fmt(r['x_family'], '.2f'):>7}")
+        print(format_row(r, ratios=True))
     return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """x_ceiling: a timed fwd+bwd row's time over the fastest no-bias fwd+bwd row at its L; x_family:
+    a biased row's time over the no-bias row of its own kernel (alibi-flex / sinusoidal-flex)."""
+    timed = {(r["variant"], r["L"]): r for r in rows if "ms" in r}
+    for r in timed.values():
+        ceiling = min((x["ms"] for x in timed.values() if x["L"] == r["L"] and x["method"] == "none"
+                       and x["mode"] == "fwd+bwd"), default=None)
+        r["x_ceiling"] = r["ms"] / ceiling if ceiling and r["mode"] == "fwd+bwd" else None
+        method, _, kernel = r["variant"].partition("-")  # the same kernel without a score bias
+        twin = timed.get((f"sinusoidal-{kernel}", r["L"])) if method in ("alibi", "t5", "kerple") else None
+        r["x_family"] = r["ms"] / twin["ms"] if twin else None
+
+
+def write_atomic(path: str, result: dict) -> None:
+    """The JSON as it stands after each row: a time-out or crash keeps every row measured."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
+def format_row(r: dict, ratios: bool = False) -> str:
+    head = f"{r['variant']:<22}{r['L']:>6}{r['batch']:>4} "
+    if "skipped" in r or "error" in r:
+        return head + ("skipped: " + r["skipped"] if "skipped" in r else "failed: " + r["error"])
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    return (head + f"{r['mode']:<8}{r['ms']:>9.3f}{r['tflops']:>9.3g}{fmt(r['peak_gib'], '.2f'):>10}"
+            f"{fmt(r['max_abs_diff_vs_ref'], '.1e'):>10}"
+            + (f"{fmt(r['x_ceiling'], '.2f'):>8}{fmt(r['x_family'], '.2f'):>7}" if ratios else ""))
 
 
 if __name__ == "__main__":
