@@ -11,6 +11,7 @@ DeepSpeed as its `mpu` so gradient norms and ZeRO partitions span the right rank
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,8 +177,9 @@ def _clip_fp32_grads(module: torch.nn.Module, max_norm: float) -> float:
     return norm
 
 
-def ds_config(cfg: Config, layout: Layout) -> dict[str, Any]:
-    """The DeepSpeed config of `cfg` (the choices are explained in docs/design.md, "Speed")."""
+def ds_config(cfg: Config, layout: Layout, timers: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config of `cfg` (the choices are explained in docs/design.md, "Speed");
+    `timers`: DeepSpeed's synchronizing timers (the trainer asks for them when PRETRAIN_DS_TIMERS=1)."""
     t, o, bf16 = cfg.train, cfg.optim, use_bf16(cfg)
     zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.zero_stage in (1, 2):
@@ -204,7 +206,10 @@ def ds_config(cfg: Config, layout: Layout) -> dict[str, Any]:
         **({"communication_data_type": "fp32"} if bf16 else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
+        # DeepSpeed's timers synchronize the device: the throughput timer at every forward and
+        # step (from its third step on), wall_clock_breakdown around every phase. Off unless asked.
+        "wall_clock_breakdown": timers,
+        "timers": {"throughput": {"enabled": timers, "synchronized": timers}},
     }
 
 
@@ -212,6 +217,15 @@ def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in module.parameters() if p.ndim >= 2]
     no_decay = [p for p in module.parameters() if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The micro-batch on the accelerator without a host sync: a copy from pageable memory waits
+    for the device to finish its queue, one from pinned memory with non_blocking is queued behind
+    it (torch's pinned-memory cache keeps the buffer until the copy has run)."""
+    if torch.device(device).type == "cpu":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @dataclass
@@ -239,7 +253,7 @@ class Trainer:
         self.cfg = cfg
         self.layout, self.pp = layout, layout.pp
         self.state = StepState()
-        config = ds_config(cfg, layout)
+        config = ds_config(cfg, layout, timers=os.environ.get("PRETRAIN_DS_TIMERS") == "1")
         if self.pp == 1:
             self.gpt = _build_gpt(cfg, pre_process=True, post_process=True)
             module = GPTWithLoss(self.gpt)
@@ -308,7 +322,11 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float) -> StepResult:
         """One optimizer step over this rank's micro-batches (accumulation steps of them). With
-        pp == 1 the host waits for the device once, in the skip hook at the last micro-batch."""
+        pp == 1 the host never waits for the device during the micro-batches (pinned,
+        non-blocking batch copies; DeepSpeed's timers off). It waits at the step: once in the
+        skip hook (every rank's bad flag and loss sum); with bf16, ZeRO's gradient-overflow
+        check reads its flag and the norm's validity (kept: a non-finite gradient never reaches
+        the weights); with fp32 and no ZeRO, `_clip_fp32_grads` reads the norm."""
         self.set_lr(lr)
         state, device = self.state, accelerator_device()
         state.bad, state.loss_sum, self.grad_norm = False, 0.0, None
@@ -320,7 +338,7 @@ class Trainer:
             state.bad = torch.zeros((), dtype=torch.bool, device=device)
             state.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for b in micro_batches:
-                b = {k: v.to(device) for k, v in b.items()}
+                b = to_device(b, device)
                 # DeepSpeed divides the loss by the accumulation steps in backward and averages
                 # gradients over data-parallel ranks at the boundary step (the last micro-batch),
                 # where the skip hook reads the flag and the sum.
