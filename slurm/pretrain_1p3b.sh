@@ -58,6 +58,9 @@ unset RANK WORLD_SIZE LOCAL_RANK
 # NCCL_SOCKET_IFNAME=ib0 or NCCL_IB_HCA=mlx5 (see docs/slurm.md). Anything set by the user wins.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# megatron's tensor-parallel layers (tp > 1) rely on one GPU work queue so that their all-reduce /
+# reduce-scatter is launched before the weight-gradient GEMM it overlaps (Hopper and older)
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 # --cpus-per-task=8 per GPU task: FlexAttention's compile workers, NCCL's proxy threads and the
 # data loader run beside the training loop (8 x 8 = 64 cores fit every common 8-GPU node)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
