@@ -27,6 +27,7 @@ between GPU slots). docs/benchmarks.md says how to install the dependencies with
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -49,6 +50,21 @@ LOG_CAP = 15 * 2**20
 RESERVE_S = 15
 """Seconds of the deadline kept for the summary; a stage with less than MIN_STAGE_S left is skipped."""
 MIN_STAGE_S = 20
+
+
+NEEDS = {
+    "megatron": "the model (every stage but attention's sdpa rows)", "deepspeed": "the training stages",
+    "pytest": "the tests stage", "yaml": "the configs",
+    # deepspeed 0.19.8 fails to import without each of these (checked by blocking them one at a time)
+    "einops": "deepspeed", "msgpack": "deepspeed", "psutil": "deepspeed", "hjson": "deepspeed",
+    "pydantic": "deepspeed", "tqdm": "deepspeed", "packaging": "deepspeed", "numpy": "deepspeed",
+}
+"""Third-party modules the stages import (top-level name -> what needs it)."""
+
+
+def missing_modules() -> dict[str, str]:
+    """The NEEDS not installed here (found without importing them)."""
+    return {m: why for m, why in NEEDS.items() if importlib.util.find_spec(m) is None}
 
 
 @dataclass(frozen=True)
@@ -266,9 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     device = "CPU smoke" if args.smoke else torch.cuda.get_device_name()
     print(f"gpu_check: {device}, torch {torch.__version__}, stages {' '.join(args.stages)}, deadline "
           f"{args.deadline:.0f} s -> {args.out}", flush=True)
+    missing = missing_modules()
+    if missing:  # the stages that need them will fail: said first, the others still run
+        print("gpu_check: not installed: " + ", ".join(f"{m} (for {why})" for m, why in missing.items())
+              + "; install their wheels with --no-index --no-deps --target (docs/benchmarks.md)", flush=True)
     report = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "versions": versions(),
               "python": platform.python_version(), "smoke": args.smoke, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "deadline_s": args.deadline, "stages": {}, "alibi_vs_sinusoidal": None}
+              "missing": missing, "deadline_s": args.deadline, "stages": {}, "alibi_vs_sinusoidal": None}
     records = report["stages"]
     for name in args.stages:
         stage = STAGES[name]

@@ -124,9 +124,10 @@ def test_plan_prints_stages_limits_and_total_and_runs_nothing(tmp_path, capsys):
     assert "--limit 'test=300': want STAGE=SECONDS with STAGE one of train_alibi" in capsys.readouterr().err
 
 
-def test_one_deadline_cuts_the_stage_that_reaches_it_and_skips_the_rest(tmp_path, monkeypatch):
+def test_one_deadline_cuts_the_stage_that_reaches_it_and_skips_the_rest(tmp_path, monkeypatch, capsys):
     """Each stage here uses its whole limit (cold compiles): the third is cut to what is left of
-    540 s less the summary's 15 s, the fourth never starts; the summary is still written."""
+    540 s less the summary's 15 s, the fourth never starts; the summary is still written. A
+    missing module is said first."""
     clock = [0.0]
     given = {}
 
@@ -136,10 +137,14 @@ def test_one_deadline_cuts_the_stage_that_reaches_it_and_skips_the_rest(tmp_path
         return {"stage": name, "status": f"timeout ({limit_s:.3g} s)", "seconds": limit_s}
 
     monkeypatch.setattr(gpu_check, "run_stage", run_stage)
+    monkeypatch.setitem(gpu_check.NEEDS, "no_such_module_here", "deepspeed")  # as einops on a bare image
     monkeypatch.setattr(gpu_check, "time", SimpleNamespace(monotonic=lambda: clock[0], strftime=time.strftime))
     assert main(["--smoke", "--out", str(tmp_path)]) == 1
     assert given == {"train_alibi": 200, "train_sinusoidal": 160, "tests": 540 - 15 - 360}
-    stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["missing"] == {"no_such_module_here": "deepspeed"}
+    assert "not installed: no_such_module_here (for deepspeed)" in capsys.readouterr().out
+    stages = report["stages"]
     assert stages["attention"]["status"] == "skipped (deadline)"
     assert (tmp_path / "summary.txt").read_text().splitlines()[4].split()[:3] == ["attention", "skipped", "(deadline)"]
 
