@@ -167,7 +167,7 @@ def kernel_unavailable(name: str, gpu: bool) -> str | None:
         if major < 9:
             return f"needs a Hopper or newer GPU (compute capability {major}.x)"
         if _torch_version() < FLEX_FLASH_TORCH:
-            return (f"FlexAttention's FLASH backend needs torch >= {'.'.join(map(str, FLEX_FLASH_TORCH))} "
+            return (f"needs torch >= {'.'.join(map(str, FLEX_FLASH_TORCH))} for FlexAttention's FLASH backend "
                     f"(this is {torch.__version__}, where it trains only with patches)")
         error = _import_error("flash_attn.cute")
         if error:

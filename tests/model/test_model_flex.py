@@ -7,6 +7,7 @@ refusals with their fix) and the compile settings are checked on the CPU."""
 
 import logging
 import math
+import sys
 from typing import get_args
 
 import pytest
@@ -275,6 +276,8 @@ def test_broken_flash_attn_install_is_a_reason_not_a_crash(tmp_path, monkeypatch
     (tmp_path / "flash_attn" / "__init__.py").write_text(
         "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.partition(".")[0] == "flash_attn"]:  # a real one imported earlier
+        monkeypatch.delitem(sys.modules, name)
     fake_hopper(monkeypatch)
     reason = attention.kernel_unavailable("fa2", True)
     assert reason.startswith("needs the flash-attn package") and "undefined symbol" in reason, reason
@@ -284,14 +287,15 @@ def test_broken_flash_attn_install_is_a_reason_not_a_crash(tmp_path, monkeypatch
 
 def test_flex_flash_on_torch_2_11_says_why_and_auto_takes_the_next_kernel(monkeypatch):
     """torch 2.11 (the device image's) has the FLASH backend only with patches: refused with the
-    reason; an explicit request is refused with the fix, auto takes flex (fa2 is not installed here)."""
+    reason; an explicit request is refused with the fix, auto takes flex (fa2 made absent)."""
     fake_hopper(monkeypatch)
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    monkeypatch.setattr(attention, "_import_error", lambda module: f"ModuleNotFoundError: No module named {module!r}")
     reason = attention.kernel_unavailable("flex-flash", True)
-    assert reason == ("FlexAttention's FLASH backend needs torch >= 2.13 (this is 2.11.0+cu130, where it "
+    assert reason == ("needs torch >= 2.13 for FlexAttention's FLASH backend (this is 2.11.0+cu130, where it "
                       "trains only with patches)")
     assert spec.resolve_backend("auto", ["alibi"]) == "flex"
-    with pytest.raises(ValueError, match="attention_backend=flex-flash FlexAttention's FLASH backend needs torch"):
+    with pytest.raises(ValueError, match=r"attention_backend=flex-flash needs torch >= 2.13 .*; use auto"):
         spec.resolve_backend("flex-flash", ["alibi"])
 
 
