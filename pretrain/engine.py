@@ -323,10 +323,12 @@ class Trainer:
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float) -> StepResult:
         """One optimizer step over this rank's micro-batches (accumulation steps of them). With
         pp == 1 the host never waits for the device during the micro-batches (pinned,
-        non-blocking batch copies; DeepSpeed's timers off). It waits at the step: once in the
-        skip hook (every rank's bad flag and loss sum); with bf16, ZeRO's gradient-overflow
-        check reads its flag and the norm's validity (kept: a non-finite gradient never reaches
-        the weights); with fp32 and no ZeRO, `_clip_fp32_grads` reads the norm."""
+        non-blocking batch copies; DeepSpeed's timers off). It waits at the step: ZeRO-1/2 with
+        overlap_comm synchronizes the GPU once after the last backward (DeepSpeed's gradient
+        epilogue, so the reduction stream is done); the skip hook reads every rank's bad flag and
+        loss sum; with bf16, ZeRO's gradient-overflow check reads its flag and the norm's validity
+        (kept: a non-finite gradient never reaches the weights); with fp32 and no ZeRO,
+        `_clip_fp32_grads` reads the norm. (docs/reference.md §11)"""
         self.set_lr(lr)
         state, device = self.state, accelerator_device()
         state.bad, state.loss_sum, self.grad_norm = False, 0.0, None
