@@ -197,3 +197,14 @@ def test_offline_install_into_a_target_dir_runs_the_check(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((out / "gpu_check.json").read_text())["stages"]["train_alibi"]
     assert record["status"] == "ok" and record["result"]["results"][0]["tokens_per_s"] > 0
+
+
+def test_a_cut_tests_stage_still_counts_the_tests_it_ran():
+    # pytest -v lines as the tests stage writes them into the live log (from a smoke run)
+    log = ("tests/model/test_model_flex.py::test_flex_score_mod_matches_naive_cpu[alibi-causal] PASSED [  6%]\n"
+           "tests/model/test_model_flex.py::test_kernel_matches_references_gpu_bf16_fwd_bwd[flex-causal] FAILED [ 13%]\n"
+           "tests/model/test_model_flex.py::test_flex_trains_captured_tensors_on_this_gpu PASSED [ 20%]\n")
+    assert gpu_check.pytest_outcome(log) == "2 passed, 1 failed before it stopped"
+    done = log + "=============== 2 passed, 1 failed, 19 deselected, 15 warnings in 24.66s ================\n"
+    assert gpu_check.pytest_outcome(done) == "2 passed, 1 failed, 19 deselected, 15 warnings in 24.66s"
+    assert gpu_check.pytest_outcome("ImportError: no module named torch\n") == "no pytest result"
