@@ -208,3 +208,12 @@ def test_a_cut_tests_stage_still_counts_the_tests_it_ran():
     done = log + "=============== 2 passed, 1 failed, 19 deselected, 15 warnings in 24.66s ================\n"
     assert gpu_check.pytest_outcome(done) == "2 passed, 1 failed, 19 deselected, 15 warnings in 24.66s"
     assert gpu_check.pytest_outcome("ImportError: no module named torch\n") == "no pytest result"
+
+
+def test_the_log_is_cut_to_its_tail_under_the_return_limit(tmp_path):
+    log = tmp_path / "gpu_check.log"
+    log.write_bytes(b"".join(b"line %05d\n" % i for i in range(1000)))  # 11,000 bytes
+    gpu_check.cap_log(log, cap=1100)
+    lines = log.read_bytes().splitlines()
+    assert lines[0].startswith(b"[... earlier output cut") and lines[-100:] == [b"line %05d" % i for i in range(900, 1000)]
+    assert log.stat().st_size < 1100 + 100
