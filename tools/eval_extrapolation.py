@@ -7,7 +7,9 @@ Writes OUT/results.json (records {model, train_length, length, method, stride, t
 OUT/results.csv and OUT/extrapolation.png. Nonoverlapping is the paper's method; sliding with a
 small stride gives lower numbers at every length (App. B), so compare like with like. Models
 are named by directory and kind ("alibi (ours)", "alibi (HF)") unless --names says otherwise;
-two models with one name are refused.
+two models with one name are refused. A model trained with another tokenizer than the one --data
+was made with is refused before anything is computed (the sha256 recorded in our checkpoint, or
+in an export's config.json by tools/convert_to_hf.py, against the data manifest's).
 """
 
 from __future__ import annotations
