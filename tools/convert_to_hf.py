@@ -120,6 +120,9 @@ def convert(checkpoint: str | Path, output: str | Path, max_positions: int | Non
     model.config.pad_token_id = tok.pad_token_id
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, bos_token_id=None,
                                                do_sample=False)
+    limit = getattr(model.config, "max_seq_len", None) or getattr(model.config, "n_positions", None)
+    if limit:  # MPT and GPT-2 fail past it; the tokenizer then warns, naming the limit (GPT-NeoX has none)
+        tok.model_max_length = limit
     model.config.tokenizer_sha256 = recorded["sha256"]  # checked by tools/eval_extrapolation.py against --data's
     model.config.tokenizer_path = str(tokenizer)
     save_swapped(model, tok, output)
@@ -140,7 +143,8 @@ def main(argv=None) -> None:
                     help="longest input the HF model accepts, at least the training length L; None: 64 x L for ALiBi "
                          "(MPT builds its bias for this many positions), 16 x L otherwise (GPT-2 stores a table of "
                          "this many rows; GPT-NeoX has no limit). Past it the stock HF classes fail with a tensor "
-                         "size error: export again with a larger value")
+                         "size error (the exported tokenizer warns, naming the limit): export again with a larger "
+                         "value")
     ap.add_argument("--tokenizer", default=None, help="SentencePiece .model (its sha256 must be the run's); None: the one the checkpoint recorded, "
                          "or its data manifest names")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing export at --output (never a "

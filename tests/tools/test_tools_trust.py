@@ -211,6 +211,7 @@ def test_convert_into_an_existing_export_replaces_it_whole(quick_job, tmp_path):
     convert(run, hf, overwrite=True)
     assert sorted(p.name for p in hf.iterdir()) == sorted(p.name for p in fresh.iterdir())
     assert json.loads((hf / "config.json").read_text())["max_seq_len"] == 64 * 64  # the default for ALiBi
+    assert json.loads((hf / "tokenizer_config.json").read_text())["model_max_length"] == 64 * 64  # HF warns past it
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
     assert oct((hf).stat().st_mode & 0o777) == oct(0o777 & ~_umask())
 
