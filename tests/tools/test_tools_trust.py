@@ -148,7 +148,6 @@ def other_data(quick_job, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_eval_refuses_data_made_with_another_tokenizer(quick_job, other_data, tmp_path):
     from data_prep.manifest import load_manifest
-    from tools.eval_extrapolation import UsageError, check_tokenizers
 
     out, _ = quick_job
     ours, hf = out / "runs" / "alibi", out / "hf" / "alibi"
@@ -162,6 +161,8 @@ def test_eval_refuses_data_made_with_another_tokenizer(quick_job, other_data, tm
                f"with {mine['path']} (sha256 {mine['sha256'][:12]})" in line
         assert "ppl=" not in res.stdout
     assert not (tmp_path / "eval" / "results.json").exists()
+    from tools.eval_extrapolation import UsageError, check_tokenizers
+
     check_tokenizers([ours, hf], out / "data", load_manifest(out / "data"))  # the right data passes
     unrecorded = tmp_path / "hf_unrecorded"  # an HF model that does not say its tokenizer
     shutil.copytree(hf, unrecorded)
