@@ -39,10 +39,13 @@ def die_with_parent(sig: int = signal.SIGTERM):
     prctl PR_SET_PDEATHSIG; elsewhere nothing is set). SIGTERM makes a trainer checkpoint at its
     next step boundary and exit, so a killed main job leaves no trainer running."""
     parent = os.getpid()
+    # looked up here, not in the child: a dlopen between fork and exec could deadlock on a loader
+    # lock another thread of the parent held at the fork
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
     def setup() -> None:
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
         if os.getppid() != parent:  # the parent died before the prctl took effect
             os._exit(1)
 
@@ -65,7 +68,7 @@ class OutputLock:
             holder = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or "holder unknown"
             os.close(self.fd)
             raise JobError(f"{self.path.parent} is in use by another {self.what} ({holder}): wait for it to "
-                               "finish or stop it, or give this one another --output") from None
+                           "finish or stop it, or give this one another --output") from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode(), 0)
         return self
