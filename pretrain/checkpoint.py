@@ -428,7 +428,7 @@ def resume_changes(meta: dict, cfg: Config, tokenizer: dict, layout: Layout, all
         diffs.append(("layout.world_size", old_world, world))
     fixed = {f"model.{n}" for n in SHAPE_FIELDS} | {"layout.world_size"}
     for key, old, new in diffs:
-        line = f"{key}: checkpoint has {old!r}, this run {new!r}"
+        line = f"{key}: checkpoint has {old!r}, this run {new!r}" + (_lr_note(meta, cfg) if key == "train.steps" else "")
         if key in fixed or key.startswith("parallel."):
             out.refused.append(f"{line} (the saved tensors and optimizer shards are laid out for the checkpoint's "
                                "model and layout: use a new --run-dir for a different model or layout)")
@@ -440,6 +440,24 @@ def resume_changes(meta: dict, cfg: Config, tokenizer: dict, layout: Layout, all
             out.refused.append(f"{line} (breaks exact continuation or the data position: pass "
                                f"--allow-config-change {key} to accept it)")
     return out
+
+
+def _lr_note(meta: dict, cfg: Config) -> str:
+    """What a new train.steps does to the LR at the resumed step (the cosine is laid over
+    train.steps unless optim.decay_steps fixes it): '' when the LR there stays the same."""
+    from pretrain.config import ConfigError
+    from pretrain.schedule import lr_at
+
+    try:
+        old, step = from_dict(Config, meta["config"]), int(meta["step"])
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return ""
+    before, after = lr_at(step, old.optim, old.train.steps), lr_at(step, cfg.optim, cfg.train.steps)
+    if abs(after - before) <= 1e-9 * max(abs(before), abs(after)):
+        return ""
+    return (f"; the LR schedule is laid out again over {cfg.train.steps} steps: at step {step} the LR jumps "
+            f"from {before:.3g} to {after:.3g}; set optim.decay_steps={old.optim.decay_steps or old.train.steps} "
+            "as well to keep the checkpoint's decay")
 
 
 def resume(trainer, found: Found | None) -> tuple[Path, dict] | None:

@@ -31,8 +31,12 @@ FLAGS = {  # flag -> config path
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    overrides = list(args.overrides)
-    overrides += [f"{path}={getattr(args, flag)}" for flag, path in FLAGS.items() if getattr(args, flag) is not None]
+    flags = {path: flag for flag, path in FLAGS.items() if getattr(args, flag) is not None}
+    clashes = [(o, key) for o in args.overrides if (key := o.partition("=")[0].strip()) in flags]
+    if clashes:  # the flag would win silently, hiding a typo in the override
+        raise ConfigError([f"--{flags[key].replace('_', '-')} {getattr(args, flags[key])} and the override {o!r} "
+                           f"both set {key}: give one of them" for o, key in clashes])
+    overrides = list(args.overrides) + [f"{path}={getattr(args, flag)}" for path, flag in flags.items()]
     cfg = load_config(args.config, overrides)
     if args.data:
         cfg.data.sources = [DataSource(path=str(Path(args.data).resolve()))]

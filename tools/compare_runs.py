@@ -19,14 +19,17 @@ from pathlib import Path
 from typing import get_args
 
 from pretrain.config import AttentionBackend  # light: no torch (--help stays fast)
-from tools.jobs import ROOT
+from tools.jobs import ROOT, JobError
 
 PAPER_PAIR = [str(ROOT / "configs" / f) for f in ("gpt_1p3b_alibi_L1024.yaml", "gpt_1p3b_sinusoidal_L2048.yaml")]
 
 
 def bench(args) -> None:
+    from data_prep.manifest import load_manifest
     from pretrain.config import load_config
     from tools.bench.compare import BenchSpec, benchmark
+
+    load_manifest(args.data)  # not preprocessed data: one line now, not a trainer's traceback later
 
     lengths = [int(x) for x in args.seq_lengths.split(",")] if args.seq_lengths else [None] * len(args.config)
     if len(lengths) != len(args.config):
@@ -43,9 +46,9 @@ def bench(args) -> None:
 
 def runs(args) -> None:
     from tools.plotting import plot_curves
-    from tools.runs import compare, read_run
+    from tools.runs import compare, read_run, run_names
 
-    loaded = [read_run(p, gpus=args.gpus) for p in args.run]
+    loaded = [read_run(p, name, gpus=args.gpus) for p, name in zip(args.run, run_names(args.run))]
     target, rows = compare(loaded, args.eval_length, args.target_ppl)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "runs.json").write_text(json.dumps({"eval_length": args.eval_length, "target_ppl": target,
@@ -91,5 +94,5 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message says what to change
+    except (ValueError, FileNotFoundError, JobError) as e:  # bad input: the message says what to change
         sys.exit(f"compare_runs.py: error: {e}")

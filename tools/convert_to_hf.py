@@ -1,19 +1,26 @@
 """Export a checkpoint of ours (any TP/PP layout) to a Hugging Face model directory.
 
-    python tools/convert_to_hf.py --checkpoint RUN_DIR --output HF_DIR [--max-positions N] [--tokenizer X.model]
+    python tools/convert_to_hf.py --checkpoint RUN_DIR --output HF_DIR [--max-positions N] [--tokenizer X.model] \
+        [--overwrite]
 
 ALiBi -> MptForCausalLM, sinusoidal -> GPT2LMHeadModel (exact, see tools/hf_export.py), saved
 as safetensors with config.json, generation_config.json and a tokenizer that gives the same ids
 as our SentencePiece model. Load with AutoModelForCausalLM / AutoTokenizer, no remote code.
 The checkpoint's model files are verified against meta.json, and the tokenizer against the
-sha256 the run recorded; either mismatch is refused.
+sha256 the run recorded; either mismatch is refused. That sha256 goes into config.json
+(`tokenizer_sha256`), so that tools/eval_extrapolation.py can refuse data made with another
+tokenizer. The export is written to a temporary directory beside HF_DIR and renamed into place:
+an existing export is replaced whole (with --overwrite), never mixed with stale shards.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -33,13 +40,59 @@ def find_tokenizer(recorded: dict, cfg) -> Path | None:
     return None
 
 
+def check_output(output: Path, overwrite: bool) -> None:
+    """--output must be new, an empty directory, or (with --overwrite) an HF export to replace:
+    never a file, a run directory or any other directory with files in it."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file: give a directory path (new, or an export to replace)")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    cfg = output / "config.json"
+    is_export = cfg.is_file() and "model_type" in json.loads(cfg.read_text() or "{}")
+    if not is_export:
+        raise ValueError(f"--output {output} is a directory with files in it and not a Hugging Face export (a run "
+                         "directory?): give a new or empty directory")
+    if not overwrite:
+        raise ValueError(f"--output {output} holds an export already: pass --overwrite to replace it, or give a "
+                         "new directory")
+
+
+def save_swapped(model, tok, output: Path) -> None:
+    """Save into a temporary directory beside `output`, then rename it into place (the old
+    export, if any, is removed only after the new one is complete)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would stay on the export
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        old = None
+        if output.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old", dir=output.parent))
+            output.rename(old / "export")
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
 def convert(checkpoint: str | Path, output: str | Path, max_positions: int | None = None,
-            tokenizer: str | Path | None = None) -> Path:
-    """Write the HF model (+ tokenizer) for `checkpoint` into `output`; returns `output`."""
+            tokenizer: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write the HF model (+ tokenizer) for `checkpoint` into `output`; returns `output`.
+    An existing export at `output` is replaced only with `overwrite`."""
     from data_prep.tokenizer import file_sha256
     from pretrain.checkpoint import load_consolidated
 
+    output = Path(output)
+    check_output(output, overwrite)
     cfg, state_dict, meta = load_consolidated(checkpoint, with_meta=True)
+    if max_positions is not None and max_positions < cfg.model.seq_length:
+        raise ValueError(f"--max-positions {max_positions} is below the training length {cfg.model.seq_length}: "
+                         f"give at least {cfg.model.seq_length} (or leave it out for the default)")
     recorded = meta["tokenizer"]
     if tokenizer is None:
         tokenizer = find_tokenizer(recorded, cfg)
@@ -67,22 +120,37 @@ def convert(checkpoint: str | Path, output: str | Path, max_positions: int | Non
     model.config.pad_token_id = tok.pad_token_id
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, bos_token_id=None,
                                                do_sample=False)
-    output = Path(output)
-    model.save_pretrained(output, safe_serialization=True)
-    tok.save_pretrained(output)
+    limit = getattr(model.config, "max_seq_len", None) or getattr(model.config, "n_positions", None)
+    if limit:  # MPT and GPT-2 fail past it; the tokenizer then warns, naming the limit (GPT-NeoX has none)
+        tok.model_max_length = limit
+    model.config.tokenizer_sha256 = recorded["sha256"]  # checked by tools/eval_extrapolation.py against --data's
+    model.config.tokenizer_path = str(tokenizer)
+    save_swapped(model, tok, output)
     return output
+
+
+def positive_int(text: str) -> int:
+    if not text.strip().isdecimal() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a run directory or one of its checkpoints")
     ap.add_argument("--output", required=True, help="the Hugging Face model directory to write")
-    ap.add_argument("--max-positions", type=int, default=None,
-                    help="longest input the HF model accepts (default 16 x the training length)")
+    ap.add_argument("--max-positions", type=positive_int, default=None,
+                    help="longest input the HF model accepts, at least the training length L; None: 64 x L for ALiBi "
+                         "(MPT builds its bias for this many positions), 16 x L otherwise (GPT-2 stores a table of "
+                         "this many rows; GPT-NeoX has no limit). Past it the stock HF classes fail with a tensor "
+                         "size error (the exported tokenizer warns, naming the limit): export again with a larger "
+                         "value")
     ap.add_argument("--tokenizer", default=None, help="SentencePiece .model (its sha256 must be the run's); None: the one the checkpoint recorded, "
                          "or its data manifest names")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing export at --output (never a "
+                    "directory that is not an export)")
     args = ap.parse_args(argv)
-    out = convert(args.checkpoint, args.output, args.max_positions, args.tokenizer)
+    out = convert(args.checkpoint, args.output, args.max_positions, args.tokenizer, args.overwrite)
     print(f"wrote {out} (load with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
 
 

@@ -7,7 +7,9 @@ Writes OUT/results.json (records {model, train_length, length, method, stride, t
 OUT/results.csv and OUT/extrapolation.png. Nonoverlapping is the paper's method; sliding with a
 small stride gives lower numbers at every length (App. B), so compare like with like. Models
 are named by directory and kind ("alibi (ours)", "alibi (HF)") unless --names says otherwise;
-two models with one name are refused.
+two models with one name are refused. A model trained with another tokenizer than the one --data
+was made with is refused before anything is computed (the sha256 recorded in our checkpoint, or
+in an export's config.json by tools/convert_to_hf.py, against the data manifest's).
 """
 
 from __future__ import annotations
@@ -65,9 +67,31 @@ def model_names(paths: list[str], names: str | None) -> list[str]:
     return out
 
 
+def check_tokenizers(paths: list[str | Path], data_dir: str | Path, manifest: dict) -> None:
+    """Refuse any model trained with another tokenizer than the one --data was made with (its
+    perplexity would be a meaningless number), as training and export refuse it: the sha256 the
+    data manifest records against the one the checkpoint (or HF export) records."""
+    from tools.eval_models import is_hf_dir, recorded_tokenizer
+
+    data_tok = manifest["tokenizer"]
+    for path in paths:
+        tok = recorded_tokenizer(path)
+        if tok is None and is_hf_dir(path):
+            raise UsageError(f"{path}/config.json records no tokenizer_sha256, so its tokenizer cannot be checked "
+                             f"against --data {data_dir} ({data_tok['path']}): export it with tools/convert_to_hf.py, "
+                             f"or add \"tokenizer_sha256\": \"{data_tok['sha256']}\" to its config.json if it "
+                             "uses that tokenizer")
+        if tok is not None and tok.get("sha256") != data_tok["sha256"]:
+            raise UsageError(f"--data {data_dir} was tokenized with {data_tok['path']} (sha256 "
+                             f"{data_tok['sha256'][:12]}) but {path} was trained with {tok.get('path')} (sha256 "
+                             f"{str(tok.get('sha256'))[:12]}): its perplexity on these ids would be meaningless; "
+                             "evaluate on data preprocessed with the model's tokenizer")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--checkpoint", nargs="+", required=True, help="our run/checkpoint dirs or HF model dirs")
+    ap.add_argument("--checkpoint", nargs="+", action="extend", required=True,
+                    help="our run/checkpoint dirs or HF model dirs (the flag may be repeated: all are evaluated)")
     ap.add_argument("--names", default=None, help="comma-separated display names, one per --checkpoint; None: each directory's name and kind, e.g. \"alibi (ours)\", \"alibi (HF)\"; no two alike")
     ap.add_argument("--data", required=True, help="a data_prep/preprocess.py output directory")
     ap.add_argument("--split", default="valid", choices=["train", "valid", "all"], help="which documents to score (all: train then valid)")
@@ -134,6 +158,15 @@ def main(argv=None) -> dict[str, Path]:
     if missing:
         raise FileNotFoundError(f"--checkpoint {' '.join(missing)}: no such directory")
     names = model_names(args.checkpoint, args.names)
+    if args.output.exists() and not args.output.is_dir():
+        raise UsageError(f"--output {args.output} is a file: give a directory (results.json, results.csv and "
+                         "extrapolation.png are written into it)")
+    args.output.mkdir(parents=True, exist_ok=True)  # an unwritable place fails now, not after the compute
+
+    from data_prep.manifest import load_manifest
+
+    manifest = load_manifest(args.data)
+    check_tokenizers(args.checkpoint, args.data, manifest)
 
     import torch
 
@@ -142,7 +175,7 @@ def main(argv=None) -> dict[str, Path]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    tokens = split_tokens(args.data, args.split)
+    tokens = split_tokens(args.data, args.split, manifest=manifest)
     print(f"{args.split} split of {args.data}: {tokens.numel()} tokens; device {device}")
     records = []
     for path, name in zip(args.checkpoint, names):  # one model in memory at a time

@@ -35,6 +35,23 @@ def is_hf_dir(path: str | Path) -> bool:
     return cfg.is_file() and "model_type" in json.loads(cfg.read_text())
 
 
+def recorded_tokenizer(path: str | Path) -> dict | None:
+    """{path, sha256} of the tokenizer a model was trained with, read cheaply (no weights): our
+    checkpoint's meta.json (the newest complete checkpoint of a run), or the `tokenizer_sha256`
+    tools/convert_to_hf.py writes into an HF export's config.json. None: nothing recorded."""
+    from pretrain.checkpoint import read_meta, scan
+
+    path = Path(path)
+    if is_hf_dir(path):
+        cfg = json.loads((path / "config.json").read_text())
+        sha = cfg.get("tokenizer_sha256")
+        return {"path": cfg.get("tokenizer_path"), "sha256": sha} if sha else None
+    if (path / "meta.json").is_file():
+        return read_meta(path).get("tokenizer")
+    found = scan(path.parent if path.name == "checkpoints" else path)
+    return found.usable[0][1].get("tokenizer") if found.usable else None
+
+
 def load_model(path: str | Path, device: torch.device, dtype: str = "fp32", name: str | None = None) -> EvalModel:
     path = Path(path)
     if not path.exists():

@@ -40,7 +40,9 @@ def megatron_to_hf(cfg: Config, state_dict: dict[str, torch.Tensor], max_positio
     """Build the HF model equal to our model `cfg` with weights `state_dict` (fp32, eval mode).
 
     max_positions: longest input the HF model accepts (MPT `max_seq_len`, GPT-2 `n_positions` =
-    rows of the written sinusoidal table); default 16 x the training length.
+    rows of the written sinusoidal table, GPT-NeoX `max_position_embeddings`, not enforced);
+    default 64 x the training length for ALiBi (no table: MPT only builds a [heads, 1, max_seq_len]
+    bias per forward), 16 x for the others (GPT-2's table is stored in the weights).
     """
     m = cfg.model
     if m.position not in EXPORTABLE:
@@ -51,7 +53,7 @@ def megatron_to_hf(cfg: Config, state_dict: dict[str, torch.Tensor], max_positio
         )
     if m.bidirectional:
         raise ExportError("bidirectional (encoder) models have no causal-LM equivalent in Hugging Face")
-    max_positions = max_positions or 16 * m.seq_length
+    max_positions = max_positions or (64 if m.position == "alibi" else 16) * m.seq_length
     sd = {k: v.detach().to(torch.float32) for k, v in state_dict.items() if not k.endswith("_extra_state")}
     build = {"alibi": _to_mpt, "sinusoidal": _to_gpt2}.get(m.position, _to_neox)
     model = build(cfg, sd, max_positions)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,3 +25,56 @@ def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.setdefault("WANDB_MODE", "disabled")
     return {**env, **extra}
+
+
+class JobError(RuntimeError):
+    """A tool's job could not run or finish; the message says why and what to do (no traceback)."""
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int = signal.SIGTERM):
+    """A Popen preexec_fn: the child gets `sig` when this process dies, even by kill -9 (Linux
+    prctl PR_SET_PDEATHSIG; elsewhere nothing is set). SIGTERM makes a trainer checkpoint at its
+    next step boundary and exit, so a killed main job leaves no trainer running."""
+    parent = os.getpid()
+    # looked up here, not in the child: a dlopen between fork and exec could deadlock on a loader
+    # lock another thread of the parent held at the fork
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+    def setup() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the prctl took effect
+            os._exit(1)
+
+    return setup
+
+
+class OutputLock:
+    """An exclusive flock on DIR/LOCK_NAME for one tool run over DIR (released when the process
+    ends, kill -9 included); a second run is refused, naming the first's pid."""
+
+    def __init__(self, directory: Path, what: str, name: str = ".lock"):
+        self.path, self.what = directory / name, what
+
+    def acquire(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or "holder unknown"
+            os.close(self.fd)
+            raise JobError(f"{self.path.parent} is in use by another {self.what} ({holder}): wait for it to "
+                           "finish or stop it, or give this one another --output") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode(), 0)
+        return self
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)  # closing the only descriptor releases the flock

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -27,17 +28,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--fresh", action="store_true", help="delete OUTPUT first instead of reusing finished stages")
     args = ap.parse_args(argv)
     from tools import main_pipeline as mp  # torch and the pipeline: after --help
+    from tools.jobs import OutputLock
 
     s = mp.QUICK if args.quick else mp.FULL
     if args.steps:
         s = mp.Settings(**{**s.__dict__, "overrides": (*s.overrides, f"train.steps={args.steps}",
                                                         f"train.log_interval={max(1, args.steps // 20)}")})
     out = args.output.resolve()
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    with OutputLock(out, "main job", ".main_job.lock") as lock:  # before --fresh deletes anything
+        if args.fresh:
+            for child in out.iterdir():
+                if child != lock.path:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        return run(out, s)
 
+
+def run(out: Path, s) -> dict:
+    from tools import main_pipeline as mp
+
+    t0 = time.time()
     tok, data = mp.build_data(out, s)
     runs = mp.train(out, data, s)
     hf = mp.export(out, runs["alibi"], tok, s)
@@ -60,4 +69,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from tools.jobs import JobError
+
+    try:
+        main()
+    except (JobError, ValueError, FileNotFoundError) as e:  # the message says what happened and what to do
+        sys.exit(f"main_job.py: error: {e}")

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from pretrain.config import Config, load_config
-from tools.jobs import ROOT, child_env, train_cmd
+from pretrain.rundir import busy_message, holder
+from tools.jobs import ROOT, JobError, child_env, die_with_parent, train_cmd
 from tools.runs import read_run
 
 
@@ -81,13 +82,17 @@ def train(out: Path, data: Path, s: Settings) -> dict[str, Path]:
     cfg = model_config("alibi", s)
     steps = cfg.train.steps
     t = stage(f"train tiny {', '.join(MODELS)} at L={cfg.model.seq_length} for {steps} steps (in parallel)")
-    procs, runs = {}, {}
+    procs, runs = {}, {name: out / "runs" / name for name in MODELS}
+    for run_dir in runs.values():  # a trainer left by an earlier job (one that could not be stopped with it)
+        if (who := holder(run_dir)) is not None:
+            raise JobError(f"{busy_message(run_dir, who)} (a trainer of an earlier main job on {out}?)")
     for name, config in MODELS.items():
-        run_dir = runs[name] = out / "runs" / name
+        run_dir = runs[name]
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = train_cmd(config, run_dir, data, overrides=list(s.overrides))
         log = open(run_dir / "train.log", "w")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=die_with_parent())  # killed with us, even by kill -9
         procs[name] = (proc, log)
         print(f"{name}: {' '.join(cmd)}\n  log: {run_dir / 'train.log'}", flush=True)
     while any(p.poll() is None for p, _ in procs.values()):
@@ -97,7 +102,7 @@ def train(out: Path, data: Path, s: Settings) -> dict[str, Path]:
         log.close()
         if p.returncode:
             tail = "\n".join((runs[name] / "train.log").read_text().splitlines()[-30:])
-            raise RuntimeError(f"training {name} failed (exit {p.returncode}); end of its log:\n{tail}")
+            raise JobError(f"training {name} failed (exit {p.returncode}); end of its log:\n{tail}")
     print(f"done in {time.time() - t:.0f} s: {', '.join(str(r) for r in runs.values())}")
     return runs
 
@@ -112,20 +117,20 @@ def export(out: Path, run_dir: Path, tok: Path, s: Settings) -> Path:
     from tools.convert_to_hf import convert
 
     t = stage("export tiny ALiBi to Hugging Face (MptForCausalLM)")
-    L = model_config("alibi", s).model.seq_length
-    hf = convert(run_dir, out / "hf" / run_dir.name, max_positions=max(s.length_multipliers) * L,
-                 tokenizer=tok)
+    hf = convert(run_dir, out / "hf" / run_dir.name, tokenizer=tok, overwrite=True)  # the default 64 x L positions
     print(f"done in {time.time() - t:.0f} s: {hf}")
     return hf
 
 
 def extrapolation(out: Path, data: Path, models: dict[str, Path], s: Settings) -> list[dict]:
+    from data_prep.manifest import load_manifest
     from pretrain.data import split_tokens
-    from tools.eval_extrapolation import evaluate, write_results
+    from tools.eval_extrapolation import check_tokenizers, evaluate, write_results
     from tools.eval_models import load_model
 
     t = stage("extrapolation evaluation (nonoverlapping)")
     lengths = [m * model_config("alibi", s).model.seq_length for m in s.length_multipliers]
+    check_tokenizers(list(models.values()), data, load_manifest(data))
     tokens = split_tokens(data, "valid", max(s.eval_tokens, max(lengths)) + 1)  # every length scores the same stream
     records = []
     for name, path in models.items():

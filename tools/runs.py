@@ -58,13 +58,19 @@ def read_run(path: str | Path, name: str | None = None, gpus: int | None = None)
     name = name or (path.parent.name if path.is_file() else path.name)
     by_step: dict[int, dict] = {}
     val: dict[int, dict] = {}
+    no_loss = 0
     for r in records:
         if "step" not in r:
             continue
         if r.get("kind") == "validation" or any(k.startswith("val/ppl_at_") for k in r):
             val[int(r["step"])] = {**val.get(int(r["step"]), {}), **r}
         elif "loss" in r:
-            by_step[int(r["step"])] = r
+            if isinstance(r["loss"], (int, float)) and not isinstance(r["loss"], bool):
+                by_step[int(r["step"])] = r
+            else:
+                no_loss += 1
+    if no_loss:
+        print(f"WARNING: {path}: {no_loss} training record(s) without a numeric loss (e.g. \"loss\": null) left out")
     train = [by_step[s] for s in sorted(by_step)]
     if not train:
         raise ValueError(f"{path}: no training records (lines with step and loss)")
@@ -79,6 +85,23 @@ def read_run(path: str | Path, name: str | None = None, gpus: int | None = None)
         run.hours[r["step"]] = total
         prev = r["step"]
     return run
+
+
+def run_names(paths: list[str | Path]) -> list[str]:
+    """A distinct name per run: its directory's name (a metrics.jsonl file: its folder's), with
+    as many parent folders as it takes to tell runs of the same folder name apart
+    ("a/base", "b/base"). The same run given twice is refused."""
+    dirs = [Path(p).resolve().parent if Path(p).is_file() else Path(p).resolve() for p in paths]
+    seen: dict[Path, str] = {}
+    for d, p in zip(dirs, paths):
+        if d in seen:
+            raise ValueError(f"{seen[d]} and {p} are the same run: give each run once")
+        seen[d] = str(p)
+    for depth in range(1, max(len(d.parts) for d in dirs) + 1):
+        names = ["/".join(d.parts[-depth:]) for d in dirs]
+        if len(set(names)) == len(names):
+            return names
+    return [str(d) for d in dirs]
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -99,7 +99,7 @@ def test_train_memory_estimate_counts_deepspeed_fp32_grads_and_buckets():
 
 def test_train_config_rejects_unknown_keys_and_types(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(BIG[0].read_text() + "train:\n  stepz: 3\n")
+    bad.write_text(BIG[0].read_text().replace("\ntrain:\n", "\ntrain:\n  stepz: 3\n", 1))
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(bad)
     with pytest.raises(ConfigError, match="must be of type int"):

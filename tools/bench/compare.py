@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pretrain.config import load_config
-from tools.jobs import ROOT, child_env, train_cmd
+from tools.jobs import ROOT, JobError, child_env, train_cmd
 from tools.plotting import plot_bars
 
 METRICS = [("tokens_per_s", "tokens/s"), ("step_time_s", "step time (s)"), ("peak_mem_gb", "peak memory (GB)"),
@@ -45,7 +45,7 @@ def run_one(spec: BenchSpec, *, data: str, steps: int, tokens_per_batch: int, ba
     if tokens_per_batch % spec.seq_length:
         raise ValueError(f"--tokens-per-batch {tokens_per_batch} is not a multiple of {spec.name}'s L={spec.seq_length}")
     micro = tokens_per_batch // spec.seq_length
-    run_dir = out_dir / spec.name
+    run_dir, data = out_dir.resolve() / spec.name, str(Path(data).resolve())  # the trainer runs in the repo root
     if (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()  # a fresh measurement, not a resumed one
     cmd = train_cmd(spec.config, run_dir, data, "--steps", str(steps), "--seq-length", str(spec.seq_length),
@@ -54,7 +54,8 @@ def run_one(spec: BenchSpec, *, data: str, steps: int, tokens_per_batch: int, ba
                         "validation.interval=0", "optim.warmup_steps=0", "wandb.enabled=false",
                         "checkpoint.enabled=false", *overrides])  # no checkpoint written or resumed
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, env=child_env())
+    if subprocess.run(cmd, cwd=ROOT, env=child_env()).returncode:
+        raise JobError(f"training {spec.name} failed (its error is printed above): {' '.join(cmd)}")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss" in r]
 
