@@ -13,6 +13,7 @@ full (non-causal) matrices. Recomputation (activation checkpointing) is not coun
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -24,6 +25,8 @@ import torch
 
 from pretrain.config import Config, to_dict
 from pretrain.parallel import Layout, use_gpu
+
+log = logging.getLogger(__name__)
 
 
 def flops_per_token(cfg: Config, seq_length: int | None = None) -> float:
@@ -153,6 +156,12 @@ class MetricsLogger:
         else:
             print(line, flush=True)
         sys.stdout.flush()
+
+    def warn(self, line: str) -> None:
+        """A warning on the console (rank 0) and in the log."""
+        if self.enabled:
+            log.warning(line)
+            self.console(f"WARNING: {line}")
 
     def best_validation(self) -> dict[int, tuple[float, int]]:
         """{length: (lowest validation perplexity, its step)} over the run so far."""
