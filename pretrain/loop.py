@@ -133,6 +133,7 @@ def preflight(cfg: Config, env: DistEnv, run_dir: Path, allow: tuple[str, ...] =
         errors += e.errors
     data, more = data_errors(cfg)
     errors += more + runtime_errors(cfg)
+    errors += rundir.link_errors(run_dir)
     busy = rundir.holder(run_dir)
     if busy is not None and not rundir.is_predecessor(busy):  # that one rank 0 waits for
         errors.append(rundir.busy_message(run_dir, busy))
@@ -215,11 +216,11 @@ def _lock_run_dir(run_dir: Path, rank: int) -> rundir.RunLock:
     if rank == 0:
         try:
             lock.acquire()
-        except rundir.RunDirBusy as e:
+        except rundir.RunDirError as e:
             refused[0] = str(e)
     dist.broadcast_object_list(refused, src=0)
     if refused[0]:
-        raise rundir.RunDirBusy(refused[0])
+        raise rundir.RunDirError(refused[0])
     return lock
 
 

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         env = read_env()
         from pretrain.checkpoint import CheckpointError
         from pretrain.loop import TrainingError, train
-        from pretrain.rundir import RunDirBusy
+        from pretrain.rundir import RunDirError
 
         run_dir = Path(args.run_dir or Path("outputs") / Path(args.config).stem)
         try:
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingError as e:
             print(f"train.py: {e}", file=sys.stderr)
             return 1
-        except (CheckpointError, RunDirBusy) as e:
+        except (CheckpointError, RunDirError) as e:
             print(f"train.py: {e}", file=sys.stderr)
             return 2
     except ConfigError as e:

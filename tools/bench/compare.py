@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pretrain.config import load_config
+from pretrain.metrics import read_records
 from tools.jobs import ROOT, child_env, train_cmd
 from tools.plotting import plot_bars
 
@@ -55,8 +56,7 @@ def run_one(spec: BenchSpec, *, data: str, steps: int, tokens_per_batch: int, ba
                         "checkpoint.enabled=false", *overrides])  # no checkpoint written or resumed
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, env=child_env())
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
+    return [r for r in read_records(run_dir / "metrics.jsonl") if "loss" in r]
 
 
 def summarize(spec: BenchSpec, records: list[dict], warmup: int, tokens_per_batch: int) -> dict:
