@@ -47,10 +47,11 @@ class Plan:
     @property
     def fingerprint(self) -> dict[str, str]:
         """The data's fingerprint (checkpoint.data_fingerprint), recorded in every checkpoint."""
-        return _fingerprint(self.data)
+        return fingerprint(self.data)
 
 
-def _fingerprint(data: TrainingData) -> dict[str, str]:
+def fingerprint(data: TrainingData) -> dict[str, str]:
+    """What a checkpoint records of `data` (checkpoint.data_fingerprint)."""
     from pretrain.checkpoint import data_fingerprint
 
     return data_fingerprint({str(s.path): s.manifest for s in data.sources})
@@ -145,7 +146,7 @@ def preflight(cfg: Config, env: DistEnv, run_dir: Path, allow: tuple[str, ...] =
             errors.append(str(e))
         if found.usable:
             ckpt, meta = found.usable[0]
-            changes = checkpoint.resume_changes(meta, cfg, data.tokenizer, layout, allow, _fingerprint(data))
+            changes = checkpoint.resume_changes(meta, cfg, data.tokenizer, layout, allow, fingerprint(data))
             errors += [f"cannot resume {ckpt}: {p}" for p in changes.refused]
     if errors:
         raise PreflightError(errors)
@@ -262,7 +263,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
     logger.describe_run({"attention_kernel": trainer.attention_kernel, "device": accelerator_device(),
                          "precision": "bf16" if trainer.engine.bfloat16_enabled() else "fp32"})
     last_ckpt = resumed[0] if resumed is not None else None
-    fingerprint = plan.fingerprint
+    data_id = plan.fingerprint
 
     def save(at: int) -> None:
         nonlocal last_ckpt
@@ -270,7 +271,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
             return
         last_ckpt = checkpoint.save_checkpoint(
             trainer, run_dir, at, {"bad_in_row": bad_in_row, "skipped_total": skipped,
-                                   "consumed_samples": reader.sample_at(at), "data": fingerprint}, tokenizer)
+                                   "consumed_samples": reader.sample_at(at), "data": data_id}, tokenizer)
         logger.console(f"step {at}: checkpoint {last_ckpt}")
         if bad_in_row:
             logger.warn(f"step {at}: checkpoint {last_ckpt.name} was written while diverging ({bad_in_row} "

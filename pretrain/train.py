@@ -40,8 +40,9 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def allowed_changes(keys: list[str], cfg: Config) -> tuple[str, ...]:
-    """--allow-config-change KEY...: each a config key or section, or `tokenizer`."""
-    known = set(flatten(to_dict(cfg))) | {"tokenizer"}
+    """--allow-config-change KEY...: each a config key or section, `tokenizer`, or `data.manifest`
+    (the data regenerated in place)."""
+    known = set(flatten(to_dict(cfg))) | {"tokenizer", "data.manifest"}
     bad = [k for k in keys if not any(n == k or n.startswith(k + ".") for n in known)]
     if bad:
         hint = " (an override after the flag? put key=value overrides before --allow-config-change)" \
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key.path=value (YAML value)")
     ap.add_argument("--allow-config-change", nargs="+", default=[], metavar="KEY",
                     help="on resume, accept these config changes that break exact continuation or the data "
-                         "position (e.g. model.seq_length train.global_batch_size tokenizer)")
+                         "position (e.g. model.seq_length train.global_batch_size tokenizer data.manifest)")
     args = ap.parse_args(argv)
     stop = None if args.dry_run else StopRequest()  # before the slow imports: no signal is lost
 

@@ -299,3 +299,63 @@ def test_partial_or_corrupted_checkpoints_give_one_line_tool_errors(trained, tmp
         eval_main(["--checkpoint", str(ckpt), "--data", str(tiny_data), "--lengths", "64",
                    "--output", str(tmp_path / "ev")])
     assert str(e.value).startswith(expected) and "\n" not in str(e.value)
+
+
+def test_a_full_disk_during_a_save_gives_one_line_and_leaves_no_partial_checkpoint(trained, tmp_path, monkeypatch):
+    """ENOSPC while the model shard is written (after DeepSpeed's files): one line naming the
+    checkpoint directory and the space needed, the partial .tmp_step_* removed, `latest` and the
+    earlier checkpoints untouched, and the next save works."""
+    import errno
+
+    run, trainer = copy_run(trained, tmp_path), trained[1]
+    tokenizer = checkpoint.find_checkpoint(run)[1]["tokenizer"]
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    write = checkpoint._write_model_shard
+
+    def full_disk(path, tensors, table):
+        path.write_bytes(b"\0" * 1000)  # what fitted
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(checkpoint, "_write_model_shard", full_disk)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save_checkpoint(trainer, run, 4, {}, tokenizer)
+    message = str(e.value)
+    assert "\n" not in message and f"no space left on the device of {run / 'checkpoints'}" in message, message
+    assert "needs about" in message and "(the size of step_00000003)" in message and "GiB are free" in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # no .tmp_step_00000004
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000003\n"
+    monkeypatch.setattr(checkpoint, "_write_model_shard", write)
+    checkpoint.save_checkpoint(trainer, run, 4, {}, tokenizer)
+    assert checkpoint.find_checkpoint(run)[0].name == "step_00000004"
+
+
+def test_data_regenerated_in_place_is_in_the_resume_diff(trained, tmp_path, tiny_data, monkeypatch):
+    """The same data directory, the same tokenizer, another corpus (preprocess rerun into it):
+    the checkpoint's data fingerprint differs, so preflight refuses the resume naming
+    data.manifest, and --allow-config-change data accepts it; the unchanged data resumes."""
+    from data_prep.preprocess import preprocess
+    from pretrain.config import DataSource
+    from pretrain.loop import PreflightError, data_errors, fingerprint, preflight
+    from pretrain.parallel import DistEnv
+
+    run, trainer = copy_run(trained, tmp_path), trained[1]
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    monkeypatch.setattr(trainer.cfg.data, "sources", [DataSource(path=str(data))])
+    tokenizer = checkpoint.find_checkpoint(run)[1]["tokenizer"]
+    checkpoint.save_checkpoint(trainer, run, 4, {"data": fingerprint(data_errors(trainer.cfg)[0])}, tokenizer)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=0)
+    assert preflight(trainer.cfg, env, run).changes.accepted == []
+    docs = (tiny_data.parent / "corpus" / "default.jsonl").read_text().splitlines()
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(docs[::2]) + "\n")  # half the documents
+    shutil.rmtree(data)
+    preprocess([str(other)], str(tiny_data.parent / "tok.model"), str(data), workers=1, quiet=True,
+               valid_fraction=0.1)
+    with pytest.raises(PreflightError) as e:
+        preflight(trainer.cfg, env, run)
+    assert f"cannot resume {run / 'checkpoints' / 'step_00000004'}: data.manifest: checkpoint has '{data} " \
+           "(manifest sha256" in str(e.value) and "regenerated in place" in str(e.value), str(e.value)
+    assert "--allow-config-change data.manifest" in str(e.value)
+    (line,) = preflight(trainer.cfg, env, run, allow=("data",)).changes.accepted
+    assert line.startswith("data.manifest:") and line.endswith("(allowed by --allow-config-change)")
