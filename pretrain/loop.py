@@ -314,8 +314,9 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
             save(step)
         if signum:
             saved = "written" if cfg.checkpoint.enabled else "not written (checkpoint.enabled=false)"
+            then = "run the same command to resume" if signum == signal.SIGINT else "for requeue"
             print(f"rank {env.rank}: signal {signal.Signals(signum).name}: checkpoint at step {step} {saved}, "
-                  "exiting 0 for requeue", flush=True)
+                  f"exiting 0 ({then})", flush=True)
             break
     logger.close(_summary(cfg, start_step, step, t_start, last_ckpt, logger))
     return 0

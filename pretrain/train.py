@@ -7,8 +7,8 @@
 Launched by torchrun or srun (one task per GPU; rank and rendezvous from the environment) or
 as one plain process. A run directory holding a checkpoint resumes from its newest verified
 one; a config change that breaks exact continuation is refused unless --allow-config-change
-names it. One trainer per run directory (a lock). SIGUSR1/SIGTERM: checkpoint at the next step
-boundary, exit 0. --dry-run validates the layout for any world size and prints the per-GPU
+names it. One trainer per run directory (a lock). SIGUSR1/SIGTERM/SIGINT (Ctrl-C): checkpoint
+at the next step boundary, exit 0; a second Ctrl-C exits at once. --dry-run validates the layout for any world size and prints the per-GPU
 memory estimate, touching no GPU and no process group.
 """
 
@@ -106,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C before the stop handler is installed (argument parsing, --dry-run)
+        print("train.py: interrupted", file=sys.stderr)
+        code = 130
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # torch 2.13 gloo can abort in its exit handlers after a finished run
