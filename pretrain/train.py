@@ -8,8 +8,9 @@ Launched by torchrun or srun (one task per GPU; rank and rendezvous from the env
 as one plain process. A run directory holding a checkpoint resumes from its newest verified
 one; a config change that breaks exact continuation is refused unless --allow-config-change
 names it. One trainer per run directory (a lock). SIGUSR1/SIGTERM/SIGINT (Ctrl-C): checkpoint
-at the next step boundary, exit 0; a second Ctrl-C exits at once. --dry-run validates the layout for any world size and prints the per-GPU
-memory estimate, touching no GPU and no process group.
+at the next step boundary, exit 0; a second Ctrl-C exits at once. --dry-run validates the layout
+for any world size and prints the per-GPU memory estimate, touching no GPU and no process group;
+with --data it also makes the real run's data checks (vocabulary, shards, sample index size).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="a data_prep/preprocess.py output directory (replaces the config's data.sources); None: the config's")
     for flag in FLAGS:
         ap.add_argument("--" + flag.replace("_", "-"), type=int, default=None, help=f"sets {FLAGS[flag]}; None: the config's value")
-    ap.add_argument("--dry-run", action="store_true", help="validate the layout, print memory per GPU, exit")
+    ap.add_argument("--dry-run", action="store_true", help="validate the layout (and --data), print memory per GPU, exit")
     ap.add_argument("--world-size", type=int, default=None, help="--dry-run: GPUs to plan for; None: the launcher's (WORLD_SIZE or SLURM_NTASKS, else 1)")
     ap.add_argument("overrides", nargs="*", help="key.path=value (YAML value)")
     ap.add_argument("--allow-config-change", nargs="+", default=[], metavar="KEY",
@@ -78,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
 
             world = args.world_size or int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
             cfg.validate(world)
+            if args.data:  # the real run's data checks (vocabulary, shards, sample index size)
+                from pretrain.loop import data_errors
+
+                errors = data_errors(cfg)[1]
+                if errors:
+                    raise ConfigError(errors)
             estimate = estimate_memory(cfg, Layout.of(cfg, world))
             print(f"config {args.config}: valid for {world} GPUs\n")
             print(estimate.table(cfg))
