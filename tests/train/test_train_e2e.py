@@ -331,3 +331,28 @@ def test_train_ctrl_c_checkpoints_at_the_next_step_and_exits_0(tiny_data, tmp_pa
     k = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 2 <= k < STEPS and f"signal SIGINT: checkpoint at step {k} written, exiting 0" in text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text
+
+
+@pytest.mark.slow
+def test_train_divergence_retry_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
+    """A good run to step 4 (keep_last=1); a resume with a far too high LR diverges (non-finite
+    from step 6: checkpoints at 6 and, at the stop, 7); a retry with the same LR stops at 8. Only
+    the diverged checkpoints rotate: step_4 survives both, and every message names it."""
+    run_dir = tmp_path / "div"
+    common = ["validation.interval=0", "wandb.enabled=false", "checkpoint.keep_last=1", "train.max_bad_steps=2"]
+    flags = ["--save-interval", "2", "--zero-stage", "1"]
+    (proc,) = train(run_dir, tiny_data, world=1, extra=[*common, *flags, "--steps", "4"])
+    assert wait_all([proc], timeout=400) == [0]
+    bad_lr = ["optim.lr=1.0e30", "optim.warmup_steps=0"]
+    good = run_dir / "checkpoints" / "step_00000004"
+    for stop in (7, 8):  # the divergence, then the retry
+        (proc,) = train(run_dir, tiny_data, world=1, stdout=-1, stderr=-1, text=True,
+                        extra=[*common, *bad_lr, *flags, "--steps", "12", "--allow-config-change", "optim",
+                               "train.steps"])
+        out, err = proc.communicate(timeout=400)
+        assert proc.returncode == 1 and f"non-finite losses in a row (train.max_bad_steps=2) at step {stop}" in err
+        assert f"the last good checkpoint (before the non-finite losses) is {good}" in err, err
+        assert f"step {stop}: checkpoint step_{stop:08d} was written while diverging" in out, out
+        assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [good.name, f"step_{stop:08d}"]
+    rec = records(run_dir)
+    assert all(math.isfinite(rec[s]["loss"]) for s in range(1, 6)) and math.isnan(rec[6]["loss"])
