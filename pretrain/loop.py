@@ -44,14 +44,9 @@ class Plan:
     changes: Changes
     """How this run's config differs from the newest checkpoint's (empty for a fresh run)."""
 
-    @property
-    def fingerprint(self) -> dict[str, str]:
-        """The data's fingerprint (checkpoint.data_fingerprint), recorded in every checkpoint."""
-        return fingerprint(self.data)
-
 
 def fingerprint(data: TrainingData) -> dict[str, str]:
-    """What a checkpoint records of `data` (checkpoint.data_fingerprint)."""
+    """What a checkpoint records of `data` (checkpoint.data_fingerprint), compared on resume."""
     from pretrain.checkpoint import data_fingerprint
 
     return data_fingerprint({str(s.path): s.manifest for s in data.sources})
@@ -240,7 +235,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
     if resumed is not None:
         ckpt, meta = resumed
         if ckpt != plan.checkpoints.usable[0][0]:  # fell back: the diff is against another checkpoint
-            changes = checkpoint.resume_changes(meta, cfg, tokenizer, layout, allow, plan.fingerprint)
+            changes = checkpoint.resume_changes(meta, cfg, tokenizer, layout, allow, fingerprint(plan.data))
             if changes.refused:
                 raise checkpoint.CheckpointError("; ".join(f"cannot resume {ckpt}: {p}" for p in changes.refused))
     step, bad_in_row, skipped = meta.get("step", 0), meta.get("bad_in_row", 0), meta.get("skipped_total", 0)
@@ -263,7 +258,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
     logger.describe_run({"attention_kernel": trainer.attention_kernel, "device": accelerator_device(),
                          "precision": "bf16" if trainer.engine.bfloat16_enabled() else "fp32"})
     last_ckpt = resumed[0] if resumed is not None else None
-    data_id = plan.fingerprint
+    data_id = fingerprint(plan.data)
 
     def save(at: int) -> None:
         nonlocal last_ckpt
