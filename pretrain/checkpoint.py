@@ -4,7 +4,9 @@ for tools. Format 2 (format 1 needed pickle to load and is refused with a messag
     RUN_DIR/checkpoints/latest                    "step_00000100" (replaced atomically)
     RUN_DIR/checkpoints/step_00000100/
         meta.json                                 format version, step, consumed samples, config,
-                                                  tokenizer, layout, every file's size and hash
+                                                  tokenizer, data fingerprint, layout, every file's
+                                                  size and hash
+        meta.json.xxh3_128                        meta.json's own hash
         model/tp00_pp00.safetensors               {global name: tensor}: this TP/PP shard with
                                                   global layer numbers, full over ZeRO ranks; the
                                                   parameter table in the safetensors metadata
@@ -21,7 +23,10 @@ and RNG states are safetensors (tensors and strings, no code); DeepSpeed's own f
 through `_safe_torch_load` (torch.load(weights_only=True), three DeepSpeed data classes
 allowed), and only by `resume`: the tools read meta.json and the safetensors model shards only.
 
-Verification: meta.json records every file's size and xxh3_128 hash (read back at save time).
+Verification: meta.json records every file's size and xxh3_128 hash (read back at save time),
+and meta.json.xxh3_128 meta.json's own: an edited or damaged meta.json (a changed step, consumed
+samples or format version, a file entry outside the checkpoint, an absurd layout) makes the
+checkpoint unusable, never a resume at the wrong place.
 Every rank checks sizes in preflight; `resume` checks the hashes collectively (each rank hashes
 a share of the files) and falls back to the previous checkpoint with one warning, setting the
 failed one aside so that keep-last-N never counts it; the tools check the model files.
@@ -29,6 +34,7 @@ failed one aside so that keep-last-N never counts it; the tools check the model 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -54,6 +60,9 @@ HASH = "xxh3_128"
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "position",
                 "bidirectional")
 STEP_DIR = re.compile(r"step_\d{8}")
+META_HASH = "meta.json." + HASH
+MAX_WORLD = 1 << 20
+"""Layout fields above this in a meta.json are damage, not a cluster (convert would allocate per shard)."""
 
 
 class CheckpointError(ValueError):
@@ -76,8 +85,17 @@ def digest(path: Path) -> str:
     """xxh3_128 of a file (15 GB/s from the page cache here vs 1.8 GB/s for sha256, docs/design.md)."""
     import xxhash
 
+    h = xxhash.xxh3_128()  # not hashlib.file_digest: Python 3.10 has none
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, xxhash.xxh3_128).hexdigest()
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _text_digest(data: bytes) -> str:
+    import xxhash
+
+    return xxhash.xxh3_128(data).hexdigest()
 
 
 # ---------------------------------------------------------------- the files: model shards, RNG, DeepSpeed
@@ -229,27 +247,71 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_meta(ckpt: Path, meta: dict) -> None:
+    """meta.json and, beside it, its hash (read_meta checks one against the other)."""
+    text = json.dumps(meta, indent=1)
+    write_atomic(ckpt / "meta.json", text)
+    write_atomic(ckpt / META_HASH, _text_digest(text.encode()) + "\n")
+
+
+def _disk_full(root: Path, tmp: Path, e: OSError) -> CheckpointError:
+    """The one-line message for a save that ran out of space; rank 0 removes the partial directory."""
+    written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
+    dist.barrier()  # every rank has measured it
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    previous = [c for c in sorted(root.glob("step_*")) if (c / "meta.json").is_file()]
+    try:
+        need = sum(r["size"] for r in json.loads((previous[-1] / "meta.json").read_text())["files"].values())
+        need = f"about {need / 2**30:.2f} GiB (the size of {previous[-1].name})"
+    except (IndexError, OSError, ValueError, KeyError, TypeError):
+        need = f"more than the {written / 2**30:.2f} GiB written before it ran out"
+    free = shutil.disk_usage(root).free / 2**30
+    return CheckpointError(f"no space left on the device of {root} ({e.strerror}) while writing a checkpoint: it "
+                           f"needs {need}, {free:.2f} GiB are free; the partial checkpoint was removed. Free space "
+                           "or lower checkpoint.keep_last, then resume")
+
+
+def _agree_ok(failed: OSError | None) -> bool:
+    """Collective: True when no rank's write failed (a failed rank must not leave the others
+    waiting in a barrier)."""
+    flag = torch.tensor([int(failed is not None)], dtype=torch.int64, device=accelerator_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not flag.item()
+
+
 def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, Any], tokenizer: dict) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory. Out of disk space
+    on any rank: raises CheckpointError (one line: the directory, the space needed) on every rank,
+    with the partial directory removed and `latest` unchanged."""
     from megatron.core import parallel_state as ps
 
     rank, world = dist.get_rank(), dist.get_world_size()
     root = checkpoints_dir(run_dir)
     final = root / _step_name(step)
     tmp = root / f".tmp_{_step_name(step)}"
+    failed: OSError | None = None
     if rank == 0:
+        if tmp.is_symlink():  # planted: rmtree refuses links and mkdir would write through it
+            tmp.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "model").mkdir(parents=True)
         (tmp / "rng").mkdir()
     dist.barrier()
 
-    trainer.engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
-    tensors, table = _model_shard(trainer)
-    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    if ps.get_data_parallel_rank() == 0:
-        _write_model_shard(tmp / "model" / f"tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors", tensors, table)
-    _write_rng(tmp / "rng" / f"rank{rank:05d}.safetensors", _rng_state())
-    dist.barrier()
+    try:
+        trainer.engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+        tensors, table = _model_shard(trainer)
+        tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        if ps.get_data_parallel_rank() == 0:
+            _write_model_shard(tmp / "model" / f"tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors", tensors, table)
+        _write_rng(tmp / "rng" / f"rank{rank:05d}.safetensors", _rng_state())
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        failed = e
+    if not _agree_ok(failed):
+        raise _disk_full(root, tmp, failed or OSError(errno.ENOSPC, "no space left on another rank's device"))
 
     # Every rank reads back and hashes a share of the files (rank 0's listing), so the checkpoint
     # is read once in all, spread over the job.
@@ -271,24 +333,52 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
             **extra,
             "files": dict(sorted(kv for share in shares for kv in share.items())),
         }
-        write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        write_atomic(root / "latest", final.name + "\n")
-        _prune(root, cfg.checkpoint.keep_last)
-    dist.barrier()
+        try:
+            write_meta(tmp, meta)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            failed = e
+        else:
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+            write_atomic(root / "latest", final.name + "\n")
+            _prune(root, cfg.checkpoint.keep_last)
+    if not _agree_ok(failed):
+        raise _disk_full(root, tmp, failed or OSError(errno.ENOSPC, "no space left on rank 0's device"))
     return final
 
 
+def is_good(meta: dict) -> bool:
+    """Written with no non-finite step just before it (not while the run was diverging)."""
+    return not meta.get("bad_in_row", 0)
+
+
+def last_good(root: Path) -> Path | None:
+    """The newest checkpoint written while the run was not diverging (meta.json read as is: only
+    to decide what pruning keeps)."""
+    for ckpt in sorted(root.glob("step_*"), reverse=True):
+        try:
+            if is_good(json.loads((ckpt / "meta.json").read_text())):
+                return ckpt
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
 def _prune(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints. Only verified ones are counted: the newest was
-    just written and read back, the others were either written by this run or verified when it
-    resumed; one that failed verification was moved to corrupt_* and is never counted or deleted."""
+    """Delete all but the newest `keep` checkpoints, and never the newest good one: checkpoints
+    written while a run diverges (a divergence stop, a retry that diverges again) must not push out
+    the last one to go back to. Only verified ones are counted: the newest was just written and
+    read back, the others were either written by this run or verified when it resumed; one that
+    failed verification was moved to corrupt_* and is never counted or deleted."""
+    good = last_good(root)
     for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != good:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- find and verify
@@ -296,12 +386,24 @@ def _prune(root: Path, keep: int) -> None:
 
 def read_meta(ckpt: Path) -> dict:
     """meta.json of a checkpoint whose files are all present at their recorded sizes (cheap:
-    no file is read); raises CheckpointError saying what is missing, truncated or unreadable."""
+    no file is read but meta.json); raises CheckpointError saying what is missing, truncated,
+    unreadable or implausible. meta.json must match its hash (META_HASH) when it has one (all
+    checkpoints written since it was added): a meta.json edited by hand or damaged is refused,
+    format version included, so that the previous checkpoint is used instead."""
     try:
-        meta = json.loads((ckpt / "meta.json").read_text())
+        raw = (ckpt / "meta.json").read_bytes()
+        meta = json.loads(raw)
         version = meta.get("format_version")
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{ckpt}: unreadable meta.json ({_first_line(e)})") from None
+    hash_file = ckpt / META_HASH
+    if hash_file.is_file() or hash_file.is_symlink():
+        try:
+            recorded = hash_file.read_text().strip()
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{ckpt}: unreadable {META_HASH} ({_first_line(e)})") from None
+        if recorded != _text_digest(raw):
+            raise CheckpointError(f"{ckpt}: meta.json does not match its hash in {META_HASH} (edited or damaged)")
     if version != FORMAT_VERSION:
         why = ("it needs pickle to load, which this code refuses: finish the run with the code that wrote it "
                "(git c588d30 or earlier) or start a new --run-dir" if version == 1 else
@@ -310,6 +412,9 @@ def read_meta(ckpt: Path) -> dict:
     missing = [k for k in ("step", "config", "tokenizer", "layout", "files") if k not in meta]
     if missing:
         raise CheckpointError(f"{ckpt}: meta.json lacks {missing}")
+    problems = _meta_problems(ckpt, meta)
+    if problems:
+        raise CheckpointError(f"{ckpt}: meta.json is implausible ({'; '.join(problems)})")
     for rel, rec in meta["files"].items():
         path = ckpt / rel
         size = path.stat().st_size if path.is_file() else None
@@ -320,6 +425,44 @@ def read_meta(ckpt: Path) -> dict:
             have = "missing" if size is None else f"{size} bytes"
             raise CheckpointError(f"{ckpt}: {rel} is truncated or missing ({have}, expected {expected} bytes)")
     return meta
+
+
+def _count(value: Any, low: int, high: int | None = None) -> bool:
+    return type(value) is int and value >= low and (high is None or value <= high)
+
+
+def _meta_problems(ckpt: Path, meta: dict) -> list[str]:
+    """meta.json's fields checked like a config's: counts are counts, the layout is a layout, every
+    file lies inside the checkpoint, the step is the directory's."""
+    out = []
+    step = meta["step"]
+    if not _count(step, 0):
+        out.append(f"step={step!r}")
+    elif STEP_DIR.fullmatch(ckpt.name) and step != int(ckpt.name[len("step_"):]):
+        out.append(f"step={step} in directory {ckpt.name}")
+    out += [f"{k}={meta[k]!r}" for k in ("consumed_samples", "bad_in_row", "skipped_total")
+            if k in meta and not _count(meta[k], 0)]
+    lay = meta["layout"]
+    if not isinstance(lay, dict):
+        out.append(f"layout={lay!r}")
+    else:
+        sizes = {k: lay.get(k) for k in ("world_size", "tensor_parallel", "pipeline_parallel")}
+        bad = [f"layout.{k}={v!r}" for k, v in sizes.items() if not _count(v, 1, MAX_WORLD)]
+        if not bad and sizes["world_size"] % (sizes["tensor_parallel"] * sizes["pipeline_parallel"]):
+            bad.append(f"layout.world_size={sizes['world_size']} is not a multiple of tensor_parallel x "
+                       "pipeline_parallel")
+        if not _count(lay.get("zero_stage"), 0, 3):
+            bad.append(f"layout.zero_stage={lay.get('zero_stage')!r}")
+        out += bad
+    files = meta["files"]
+    if not isinstance(files, dict) or not isinstance(meta["config"], dict) or not isinstance(meta["tokenizer"], dict):
+        return out + ["files, config and tokenizer must be mappings"]
+    root = ckpt.resolve()
+    for rel in files:
+        parts = Path(rel).parts
+        if not parts or Path(rel).is_absolute() or ".." in parts or not (ckpt / rel).resolve().is_relative_to(root):
+            out.append(f"file entry {rel!r} lies outside the checkpoint")
+    return out
 
 
 def verify_files(ckpt: Path, meta: dict, rels: list[str]) -> list[str]:
@@ -412,17 +555,37 @@ class Changes:
     refused: list[str] = field(default_factory=list)
 
 
-def resume_changes(meta: dict, cfg: Config, tokenizer: dict, layout: Layout, allow: tuple[str, ...] = ()) -> Changes:
+def data_fingerprint(manifests: dict[str, dict]) -> dict[str, str]:
+    """{source directory: sha256 of its manifest's contents}, recorded in every checkpoint so that
+    data regenerated in place (same path and tokenizer, other documents) shows in the resume diff.
+    The manifest's `run` record (timings) and `output_dir` are left out: rerunning preprocess on
+    the same inputs gives the same fingerprint."""
+    out = {}
+    for path, manifest in manifests.items():
+        kept = {k: v for k, v in manifest.items() if k not in ("run", "output_dir")}
+        out[path] = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+    return out
+
+
+def resume_changes(meta: dict, cfg: Config, tokenizer: dict, layout: Layout, allow: tuple[str, ...] = (),
+                   data: dict[str, str] | None = None) -> Changes:
     """Every difference between the checkpoint's run and this one. Model shape and layout cannot
     change (the saved tensors and optimizer shards would not fit); harmless keys
     (config.RESUME_HARMLESS) are accepted; anything else breaks exactness or the data position and
-    is refused unless `allow` names it (or a section above it)."""
+    is refused unless `allow` names it (or a section above it). `data`: this run's
+    `data_fingerprint`, compared for the sources both runs read (a checkpoint written before
+    fingerprints were kept has none to compare)."""
     out = Changes()
     diffs = config_changes(meta["config"], to_dict(cfg))
     old_tok, new_tok = meta["tokenizer"], tokenizer
     if old_tok.get("sha256") != new_tok.get("sha256"):
         diffs.append(("tokenizer", f"{old_tok.get('path')} (sha256 {str(old_tok.get('sha256'))[:12]})",
                       f"{new_tok.get('path')} (sha256 {str(new_tok.get('sha256'))[:12]})"))
+    old_data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    for path in sorted(set(old_data) & set(data or {})):
+        if old_data[path] != data[path]:
+            diffs.append(("data.manifest", f"{path} (manifest sha256 {str(old_data[path])[:12]})",
+                          f"regenerated in place (manifest sha256 {data[path][:12]})"))
     old_world, world = meta["layout"]["world_size"], layout.world_size
     if old_world != world:
         diffs.append(("layout.world_size", old_world, world))
@@ -530,6 +693,9 @@ def load_consolidated(path: str | Path, with_meta: bool = False):
     cfg = from_dict(Config, meta["config"])
     lay = meta["layout"]
     tp, pp = lay["tensor_parallel"], lay["pipeline_parallel"]
+    if tp * pp > len(meta["files"]):
+        raise CheckpointError(f"{ckpt}: meta.json's layout ({tp} x {pp} model shards) lists more shards than files: "
+                              "a damaged checkpoint; use another one")
     expected = {f"model/tp{t:02d}_pp{p:02d}.safetensors" for t in range(tp) for p in range(pp)}
     if not expected <= set(meta["files"]):
         raise CheckpointError(f"{ckpt}: model shards {sorted(expected - set(meta['files']))} are not in meta.json: "

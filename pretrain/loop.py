@@ -45,21 +45,91 @@ class Plan:
     """How this run's config differs from the newest checkpoint's (empty for a fresh run)."""
 
 
+def fingerprint(data: TrainingData) -> dict[str, str]:
+    """What a checkpoint records of `data` (checkpoint.data_fingerprint), compared on resume."""
+    from pretrain.checkpoint import data_fingerprint
+
+    return data_fingerprint({str(s.path): s.manifest for s in data.sources})
+
+
+INDEX_BYTES_PER_SAMPLE = 40
+"""megatron-core's in-memory sample indices per training sample, rounded up: the blend's dataset
+index (int16 + int64), GPTDataset's sample index (2 x int64 at most) and shuffle index (int64);
+its document index adds 4 bytes per document per epoch."""
+
+
+def data_errors(cfg: Config) -> tuple[TrainingData | None, list[str]]:
+    """The data checks of a run (train.py --dry-run --data makes the same): the manifests
+    against the config (data.load_data), then whether megatron's sample indices for train.steps
+    fit this machine's memory (they are built in memory on every rank)."""
+    import psutil
+
+    from pretrain.data import load_data
+
+    try:
+        data = load_data(cfg)
+    except ConfigError as e:
+        return None, e.errors
+    samples = cfg.train.steps * cfg.train.global_batch_size
+    docs = sum(s.manifest["splits"]["train"]["documents"] for s in data.sources)
+    tokens = sum(s.manifest["splits"]["train"]["tokens"] for s in data.sources)
+    need = samples * (INDEX_BYTES_PER_SAMPLE + 4 * docs * (cfg.model.seq_length + 1) / max(tokens, 1))
+    have = psutil.virtual_memory().total
+    if need > have:
+        return data, [f"train.steps={cfg.train.steps} x train.global_batch_size={cfg.train.global_batch_size} = "
+                      f"{samples:,} samples: megatron's sample index for them needs about {need / 2**30:,.0f} GiB "
+                      f"per rank, more than this machine's {have / 2**30:,.0f} GiB: lower train.steps"]
+    return data, []
+
+
+def runtime_errors(cfg: Config) -> list[str]:
+    """What this machine or account lacks for the config: a GPU-only attention kernel on a CPU
+    machine, wandb online without credentials."""
+    import os
+
+    from pretrain.model.attention import kernel_unavailable
+    from pretrain.parallel import use_gpu
+
+    errors = []
+    backend = cfg.model.attention_backend
+    if backend not in ("auto", "sdpa") and not use_gpu():
+        errors.append(f"model.attention_backend={backend} {kernel_unavailable(backend, gpu=False)}: this process "
+                      "runs on the CPU; use model.attention_backend=auto (or sdpa)")
+    mode = os.environ.get("WANDB_MODE", cfg.wandb.mode)
+    if cfg.wandb.enabled and mode == "online" and not _wandb_credentials():
+        errors.append("wandb.mode=online but no wandb credentials (no WANDB_API_KEY, no `wandb login` entry in "
+                      "~/.netrc): run `wandb login`, or use wandb.mode=offline and `wandb sync` later")
+    return errors
+
+
+def _wandb_credentials() -> bool:
+    """An API key in the environment or in the netrc file that `wandb login` writes."""
+    import netrc
+    import os
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def preflight(cfg: Config, env: DistEnv, run_dir: Path, allow: tuple[str, ...] = ()) -> Plan:
     """Every config, data, run-directory and checkpoint error at once, before any process group
     exists. `allow`: config keys whose change on resume is accepted (--allow-config-change)."""
     from pretrain import checkpoint
-    from pretrain.data import load_data
 
-    errors, data, found, changes = [], None, checkpoint.Found(), checkpoint.Changes()
+    errors, found, changes = [], checkpoint.Found(), checkpoint.Changes()
     try:
         cfg.validate(env.world_size)
     except ConfigError as e:
         errors += e.errors
-    try:
-        data = load_data(cfg)
-    except ConfigError as e:
-        errors += e.errors
+    data, more = data_errors(cfg)
+    errors += more + runtime_errors(cfg)
+    errors += rundir.link_errors(run_dir)
     busy = rundir.holder(run_dir)
     if busy is not None and not rundir.is_predecessor(busy):  # that one rank 0 waits for
         errors.append(rundir.busy_message(run_dir, busy))
@@ -71,7 +141,7 @@ def preflight(cfg: Config, env: DistEnv, run_dir: Path, allow: tuple[str, ...] =
             errors.append(str(e))
         if found.usable:
             ckpt, meta = found.usable[0]
-            changes = checkpoint.resume_changes(meta, cfg, data.tokenizer, layout, allow)
+            changes = checkpoint.resume_changes(meta, cfg, data.tokenizer, layout, allow, fingerprint(data))
             errors += [f"cannot resume {ckpt}: {p}" for p in changes.refused]
     if errors:
         raise PreflightError(errors)
@@ -142,11 +212,11 @@ def _lock_run_dir(run_dir: Path, rank: int) -> rundir.RunLock:
     if rank == 0:
         try:
             lock.acquire()
-        except rundir.RunDirBusy as e:
+        except rundir.RunDirError as e:
             refused[0] = str(e)
     dist.broadcast_object_list(refused, src=0)
     if refused[0]:
-        raise rundir.RunDirBusy(refused[0])
+        raise rundir.RunDirError(refused[0])
     return lock
 
 
@@ -165,7 +235,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
     if resumed is not None:
         ckpt, meta = resumed
         if ckpt != plan.checkpoints.usable[0][0]:  # fell back: the diff is against another checkpoint
-            changes = checkpoint.resume_changes(meta, cfg, tokenizer, layout, allow)
+            changes = checkpoint.resume_changes(meta, cfg, tokenizer, layout, allow, fingerprint(plan.data))
             if changes.refused:
                 raise checkpoint.CheckpointError("; ".join(f"cannot resume {ckpt}: {p}" for p in changes.refused))
     step, bad_in_row, skipped = meta.get("step", 0), meta.get("bad_in_row", 0), meta.get("skipped_total", 0)
@@ -188,6 +258,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
     logger.describe_run({"attention_kernel": trainer.attention_kernel, "device": accelerator_device(),
                          "precision": "bf16" if trainer.engine.bfloat16_enabled() else "fp32"})
     last_ckpt = resumed[0] if resumed is not None else None
+    data_id = fingerprint(plan.data)
 
     def save(at: int) -> None:
         nonlocal last_ckpt
@@ -195,8 +266,11 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
             return
         last_ckpt = checkpoint.save_checkpoint(
             trainer, run_dir, at, {"bad_in_row": bad_in_row, "skipped_total": skipped,
-                                   "consumed_samples": reader.sample_at(at)}, tokenizer)
+                                   "consumed_samples": reader.sample_at(at), "data": data_id}, tokenizer)
         logger.console(f"step {at}: checkpoint {last_ckpt}")
+        if bad_in_row:
+            logger.warn(f"step {at}: checkpoint {last_ckpt.name} was written while diverging ({bad_in_row} "
+                        f"non-finite losses in a row); {_last_good(run_dir)}")
 
     t_start = t_log = time.time()
     steps_since_log = 0
@@ -224,8 +298,8 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
         if bad_in_row >= cfg.train.max_bad_steps:
             save(step)
             logger.close(_summary(cfg, start_step, step, t_start, last_ckpt, logger))
-            where = (f"checkpoint written to {checkpoint.checkpoints_dir(run_dir)}" if cfg.checkpoint.enabled
-                     else "no checkpoint (checkpoint.enabled=false)")
+            where = (f"checkpoint written to {checkpoint.checkpoints_dir(run_dir)}; {_last_good(run_dir)}"
+                     if cfg.checkpoint.enabled else "no checkpoint (checkpoint.enabled=false)")
             raise TrainingError(
                 f"{bad_in_row} non-finite losses in a row (train.max_bad_steps={cfg.train.max_bad_steps}) at "
                 f"step {step}; {where}. Lower optim.lr, raise optim.warmup_steps or check the data, then "
@@ -235,11 +309,21 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
             save(step)
         if signum:
             saved = "written" if cfg.checkpoint.enabled else "not written (checkpoint.enabled=false)"
+            then = "run the same command to resume" if signum == signal.SIGINT else "for requeue"
             print(f"rank {env.rank}: signal {signal.Signals(signum).name}: checkpoint at step {step} {saved}, "
-                  "exiting 0 for requeue", flush=True)
+                  f"exiting 0 ({then})", flush=True)
             break
     logger.close(_summary(cfg, start_step, step, t_start, last_ckpt, logger))
     return 0
+
+
+def _last_good(run_dir: Path) -> str:
+    """Which checkpoint is the last good one (written before the run diverged), for the messages."""
+    from pretrain.checkpoint import checkpoints_dir, last_good
+
+    good = last_good(checkpoints_dir(run_dir))
+    return (f"the last good checkpoint (before the non-finite losses) is {good}, kept while the run "
+            "diverges" if good else "no checkpoint was written before the non-finite losses")
 
 
 def _summary(cfg: Config, start: int, step: int, t_start: float, last_ckpt: Path | None, logger) -> str:

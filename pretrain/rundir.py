@@ -14,6 +14,11 @@ lock is the server's: after a node crash NFSv4 keeps it until the dead client's 
 by default), so a requeued start of the same SLURM job waits for its predecessor's lock (up to
 `PREDECESSOR_WAIT_S`) instead of being refused. Lustre needs the `flock` mount option, else the
 lock is refused and we warn.
+
+Every file we write in a run directory is opened without following a symbolic link
+(`open_in_run_dir`, O_NOFOLLOW; temporary names are removed first): a link planted there (run.lock,
+metrics.jsonl, config.yaml.tmp, config.step_*.yaml, checkpoints/latest.tmp -> a file elsewhere) is
+refused or replaced, never written through. The run directory itself may be a link.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import re
 import socket
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 import yaml
@@ -33,13 +39,42 @@ PREDECESSOR_WAIT_S = 300.0
 """How long a requeued SLURM job waits for the lock of its own earlier start (3 NFSv4 leases)."""
 
 
-class RunDirBusy(RuntimeError):
+class RunDirError(RuntimeError):
+    """A run-directory file that cannot be used; the message says which, why and what to do."""
+
+
+class RunDirBusy(RunDirError):
     """Another trainer holds the run directory; the message names it."""
+
+
+def open_in_run_dir(path: str | Path, flags: int, mode: int = 0o644) -> int:
+    """os.open(path, flags) refusing a symbolic link as the file itself (O_NOFOLLOW)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise RunDirError(f"{path} is a symbolic link (to {os.readlink(path)}): refusing to write through it to a "
+                          "file outside the run directory; remove the link") from None
 
 
 def busy_message(run_dir: Path, holder: str) -> str:
     return (f"run directory {run_dir} is in use by another trainer ({holder or 'holder unknown'}): wait for it to "
             "finish or stop it, or give this run its own --run-dir")
+
+
+WRITTEN_IN_PLACE = (LOCK, "metrics.jsonl", "wandb_id.txt", "config.step_*.yaml")
+"""The run directory's files opened for writing under their own name (the others are written to
+a temporary name and renamed over, which replaces a link instead of following it)."""
+
+
+def link_errors(run_dir: str | Path) -> list[str]:
+    """Preflight, on every rank: the files of WRITTEN_IN_PLACE that are symbolic links."""
+    run_dir = Path(run_dir)
+    files = list(run_dir.iterdir()) if run_dir.is_dir() else []
+    links = sorted(p for p in files if p.is_symlink() and any(fnmatch(p.name, pat) for pat in WRITTEN_IN_PLACE))
+    return [f"{p} is a symbolic link (to {os.readlink(p)}): refusing to write through it to a file outside the "
+            "run directory; remove the link" for p in links]
 
 
 def _job() -> str:
@@ -59,9 +94,13 @@ def holder(run_dir: str | Path) -> str | None:
     no lock itself (a shared probe, released at once): safe to call from every rank."""
     path = Path(run_dir) / LOCK
     try:
-        f = open(path)
+        f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
     except FileNotFoundError:
         return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None  # a planted link: RunLock.acquire refuses it with the message
+        raise
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -85,7 +124,7 @@ class RunLock:
         """Take the lock at once or raise RunDirBusy naming the holder (host, pid, since, job);
         only an earlier start of this SLURM job is waited for, up to `wait_s`."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_in_run_dir(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT)
         deadline, waiting = time.monotonic() + wait_s, False
         while True:
             try:
@@ -131,15 +170,18 @@ def write_config(run_dir: str | Path, config: dict, step: int) -> Path | None:
     if current.is_file() and current.read_text() == text:
         return None
     history = run_dir / f"config.step_{step:08d}.yaml"
-    history.write_text(text)
+    with os.fdopen(open_in_run_dir(history, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
+        f.write(text)
     write_atomic(current, text)
     return history
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary name, fsync, rename: readers see the old file or the new one."""
+    """Write `text` to a temporary name, fsync, rename: readers see the old file or the new one.
+    A file (or link) left at the temporary name is removed first, never written through."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(open_in_run_dir(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

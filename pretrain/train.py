@@ -7,9 +7,10 @@
 Launched by torchrun or srun (one task per GPU; rank and rendezvous from the environment) or
 as one plain process. A run directory holding a checkpoint resumes from its newest verified
 one; a config change that breaks exact continuation is refused unless --allow-config-change
-names it. One trainer per run directory (a lock). SIGUSR1/SIGTERM: checkpoint at the next step
-boundary, exit 0. --dry-run validates the layout for any world size and prints the per-GPU
-memory estimate, touching no GPU and no process group.
+names it. One trainer per run directory (a lock). SIGUSR1/SIGTERM/SIGINT (Ctrl-C): checkpoint
+at the next step boundary, exit 0; a second Ctrl-C exits at once. --dry-run validates the layout
+for any world size and prints the per-GPU memory estimate, touching no GPU and no process group;
+with --data it also makes the real run's data checks (vocabulary, shards, sample index size).
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def allowed_changes(keys: list[str], cfg: Config) -> tuple[str, ...]:
-    """--allow-config-change KEY...: each a config key or section, or `tokenizer`."""
-    known = set(flatten(to_dict(cfg))) | {"tokenizer"}
+    """--allow-config-change KEY...: each a config key or section, `tokenizer`, or `data.manifest`
+    (the data regenerated in place)."""
+    known = set(flatten(to_dict(cfg))) | {"tokenizer", "data.manifest"}
     bad = [k for k in keys if not any(n == k or n.startswith(k + ".") for n in known)]
     if bad:
         hint = " (an override after the flag? put key=value overrides before --allow-config-change)" \
@@ -62,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="a data_prep/preprocess.py output directory (replaces the config's data.sources); None: the config's")
     for flag in FLAGS:
         ap.add_argument("--" + flag.replace("_", "-"), type=int, default=None, help=f"sets {FLAGS[flag]}; None: the config's value")
-    ap.add_argument("--dry-run", action="store_true", help="validate the layout, print memory per GPU, exit")
+    ap.add_argument("--dry-run", action="store_true", help="validate the layout (and --data), print memory per GPU, exit")
     ap.add_argument("--world-size", type=int, default=None, help="--dry-run: GPUs to plan for; None: the launcher's (WORLD_SIZE or SLURM_NTASKS, else 1)")
     ap.add_argument("overrides", nargs="*", help="key.path=value (YAML value)")
     ap.add_argument("--allow-config-change", nargs="+", default=[], metavar="KEY",
                     help="on resume, accept these config changes that break exact continuation or the data "
-                         "position (e.g. model.seq_length train.global_batch_size tokenizer)")
+                         "position (e.g. model.seq_length train.global_batch_size tokenizer data.manifest)")
     args = ap.parse_args(argv)
     stop = None if args.dry_run else StopRequest()  # before the slow imports: no signal is lost
 
@@ -81,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
 
             world = args.world_size or int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
             cfg.validate(world)
+            if args.data:  # the real run's data checks (vocabulary, shards, sample index size)
+                from pretrain.loop import data_errors
+
+                errors = data_errors(cfg)[1]
+                if errors:
+                    raise ConfigError(errors)
             estimate = estimate_memory(cfg, Layout.of(cfg, world))
             print(f"config {args.config}: valid for {world} GPUs\n")
             print(estimate.table(cfg))
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         env = read_env()
         from pretrain.checkpoint import CheckpointError
         from pretrain.loop import TrainingError, train
-        from pretrain.rundir import RunDirBusy
+        from pretrain.rundir import RunDirError
 
         run_dir = Path(args.run_dir or Path("outputs") / Path(args.config).stem)
         try:
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingError as e:
             print(f"train.py: {e}", file=sys.stderr)
             return 1
-        except (CheckpointError, RunDirBusy) as e:
+        except (CheckpointError, RunDirError) as e:
             print(f"train.py: {e}", file=sys.stderr)
             return 2
     except ConfigError as e:
@@ -109,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C before the stop handler is installed (argument parsing, --dry-run)
+        print("train.py: interrupted", file=sys.stderr)
+        code = 130
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # torch 2.13 gloo can abort in its exit handlers after a finished run

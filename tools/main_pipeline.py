@@ -8,7 +8,6 @@ Figure 1 + comparison table.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from dataclasses import dataclass
@@ -108,9 +107,12 @@ def train(out: Path, data: Path, s: Settings) -> dict[str, Path]:
 
 
 def _last_step(run_dir: Path) -> int:
+    """The last step logged so far (the trainer may be writing the last line)."""
+    from pretrain.metrics import read_records
+
     path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return json.loads(lines[-1]).get("step", 0) if lines else 0
+    records = read_records(path) if path.is_file() else []
+    return records[-1].get("step", 0) if records else 0
 
 
 def export(out: Path, run_dir: Path, tok: Path, s: Settings) -> Path:

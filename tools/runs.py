@@ -15,6 +15,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain.metrics import read_records
+
 
 @dataclass
 class Run:
@@ -47,9 +49,9 @@ def read_run(path: str | Path, name: str | None = None, gpus: int | None = None)
     wandb offline run directory."""
     path = Path(path)
     if path.is_file():
-        records = _read_jsonl(path)
+        records = read_records(path)
     elif (path / "metrics.jsonl").is_file():
-        records = _read_jsonl(path / "metrics.jsonl")
+        records = read_records(path / "metrics.jsonl")
     else:
         files = sorted(path.glob("run-*.wandb")) or sorted(path.glob("wandb/offline-run-*/run-*.wandb"))
         if not files:
@@ -103,17 +105,6 @@ def run_names(paths: list[str | Path]) -> list[str]:
             return names
     return [str(d) for d in dirs]
 
-
-def _read_jsonl(path: Path) -> list[dict]:
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i < len(lines) - 1:  # only a run killed mid-write may leave a partial *last* line
-                raise ValueError(f"{path}: line {i + 1} is not JSON ({e})") from e
-    return out
 
 
 def read_wandb_history(path: str | Path) -> list[dict]:

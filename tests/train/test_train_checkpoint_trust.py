@@ -86,8 +86,8 @@ class Payload:
 
 def plant(path: Path, marker: Path) -> None:
     """Replace a checkpoint file by a torch.save'd pickle payload and re-record its size and hash
-    in meta.json, as an attacker who can write the directory would: only a loader that never
-    unpickles arbitrary objects stands in the way."""
+    in meta.json (and meta.json's own hash), as an attacker who can write the directory would:
+    only a loader that never unpickles arbitrary objects stands in the way."""
     import torch
     import xxhash
 
@@ -100,7 +100,15 @@ def plant(path: Path, marker: Path) -> None:
         rec.update(size=path.stat().st_size, xxh3_128=xxhash.xxh3_128(path.read_bytes()).hexdigest())
     else:  # format 1 recorded sizes only
         meta["files"][rel] = path.stat().st_size
-    (ckpt / "meta.json").write_text(json.dumps(meta))
+    checkpoint.write_meta(ckpt, meta)
+
+
+def edit_meta(run: Path, at: int, **fields) -> Path:
+    """Change fields of a checkpoint's meta.json by hand; returns the checkpoint directory."""
+    ckpt = run / "checkpoints" / f"step_{at:08d}"
+    meta = dict(json.loads((ckpt / "meta.json").read_text()), **fields)
+    (ckpt / "meta.json").write_text(json.dumps(meta, indent=1))
+    return ckpt
 
 
 @pytest.mark.parametrize("stem", RESUME_FILES)
@@ -192,11 +200,68 @@ def test_latest_outside_the_run_directory_is_refused(trained, tmp_path):
 
 
 def test_a_checkpoint_of_another_format_is_refused_with_what_to_do(trained, tmp_path):
+    """A checkpoint written by format-1 code (no meta.json hash beside it) is refused, not skipped."""
     run = copy_run(trained, tmp_path)
-    meta_path = run / "checkpoints" / f"step_{STEPS:08d}" / "meta.json"
-    meta_path.write_text(json.dumps(dict(json.loads(meta_path.read_text()), format_version=1)))
+    ckpt = edit_meta(run, STEPS, format_version=1)
+    (ckpt / checkpoint.META_HASH).unlink()
     with pytest.raises(checkpoint.CheckpointError, match="format 1, this code reads format 2: it needs pickle"):
         checkpoint.scan(run)
+
+
+@pytest.mark.parametrize("fields", [{"step": 2}, {"consumed_samples": 0}, {"format_version": 3},
+                                    {"bad_in_row": 0, "skipped_total": 0}])
+def test_an_edited_meta_json_falls_back_to_the_previous_checkpoint(trained, tmp_path, capsys, fields):
+    """meta.json edited by hand (step 3 -> 2 would resume step-3 weights at step 2, consumed_samples
+    would re-read trained samples, a format flip would block the run): the checkpoint is set aside
+    and the previous one used, as for any other damaged file."""
+    run = copy_run(trained, tmp_path)
+    edit_meta(run, STEPS, **fields)
+    ckpt, meta = resume_from(trained[1], run)
+    assert ckpt.name == f"step_{STEPS - 1:08d}" and meta["step"] == STEPS - 1
+    out = capsys.readouterr().out
+    assert out.count("WARNING") == 1 and "meta.json does not match its hash" in out, out
+    assert (run / "checkpoints" / f"corrupt_step_{STEPS:08d}").is_dir()
+
+
+def test_an_implausible_meta_json_is_refused_even_with_its_hash_rewritten(trained, tmp_path):
+    """Checked like a config, whatever the hash says: a file entry outside the checkpoint (path
+    traversal), a layout of 1e8 tensor-parallel shards (convert would allocate gigabytes), a step
+    that is not the directory's."""
+    run = copy_run(trained, tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"x" * 10)
+    ckpt = run / "checkpoints" / f"step_{STEPS:08d}"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    outside = {"../../../victim": {"size": 10, "xxh3_128": checkpoint.digest(victim)}}
+    cases = [(dict(meta, files={**meta["files"], **outside}), "file entry '../../../victim' lies outside"),
+             (dict(meta, files={**meta["files"], str(victim): outside["../../../victim"]}), "lies outside"),
+             (dict(meta, layout=dict(meta["layout"], tensor_parallel=10**8, world_size=10**8)),
+              "layout.world_size=100000000"),
+             (dict(meta, layout=dict(meta["layout"], tensor_parallel=2)), "not a multiple of tensor_parallel"),
+             (dict(meta, step=STEPS - 1), f"step={STEPS - 1} in directory step_{STEPS:08d}"),
+             (dict(meta, consumed_samples=-8), "consumed_samples=-8")]
+    for bad, expected in cases:
+        checkpoint.write_meta(ckpt, bad)
+        with pytest.raises(checkpoint.CheckpointError, match="meta.json is implausible") as e:
+            checkpoint.load_consolidated(ckpt)
+        assert expected in str(e.value) and "\n" not in str(e.value)
+    assert checkpoint.find_checkpoint(run)[0].name == f"step_{STEPS - 1:08d}"  # the run falls back
+
+
+def test_a_divergence_retry_keeps_the_last_good_checkpoint(trained, tmp_path, monkeypatch):
+    """Step 3 is the newest good checkpoint; a stop for non-finite steps writes step 4, a retry
+    that diverges again step 5 (both with bad_in_row > 0): with keep_last=1 step 3 is never pruned
+    while the run diverges; once it trains finite steps again (step 6), the usual rule applies."""
+    run, trainer = copy_run(trained, tmp_path), trained[1]
+    monkeypatch.setattr(trainer.cfg.checkpoint, "keep_last", 1)
+    tokenizer = checkpoint.find_checkpoint(run)[1]["tokenizer"]
+    names = lambda: sorted(p.name for p in (run / "checkpoints").glob("step_*"))  # noqa: E731
+    for step, bad in ((4, 3), (5, 4)):
+        checkpoint.save_checkpoint(trainer, run, step, {"bad_in_row": bad}, tokenizer)
+        assert names() == ["step_00000003", f"step_{step:08d}"]
+        assert checkpoint.last_good(run / "checkpoints").name == "step_00000003"
+    checkpoint.save_checkpoint(trainer, run, 6, {"bad_in_row": 0}, tokenizer)
+    assert names() == ["step_00000006"]
 
 
 def test_convert_refuses_a_tokenizer_other_than_the_runs(trained, tmp_path):
@@ -234,3 +299,63 @@ def test_partial_or_corrupted_checkpoints_give_one_line_tool_errors(trained, tmp
         eval_main(["--checkpoint", str(ckpt), "--data", str(tiny_data), "--lengths", "64",
                    "--output", str(tmp_path / "ev")])
     assert str(e.value).startswith(expected) and "\n" not in str(e.value)
+
+
+def test_a_full_disk_during_a_save_gives_one_line_and_leaves_no_partial_checkpoint(trained, tmp_path, monkeypatch):
+    """ENOSPC while the model shard is written (after DeepSpeed's files): one line naming the
+    checkpoint directory and the space needed, the partial .tmp_step_* removed, `latest` and the
+    earlier checkpoints untouched, and the next save works."""
+    import errno
+
+    run, trainer = copy_run(trained, tmp_path), trained[1]
+    tokenizer = checkpoint.find_checkpoint(run)[1]["tokenizer"]
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    write = checkpoint._write_model_shard
+
+    def full_disk(path, tensors, table):
+        path.write_bytes(b"\0" * 1000)  # what fitted
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(checkpoint, "_write_model_shard", full_disk)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save_checkpoint(trainer, run, 4, {}, tokenizer)
+    message = str(e.value)
+    assert "\n" not in message and f"no space left on the device of {run / 'checkpoints'}" in message, message
+    assert "needs about" in message and "(the size of step_00000003)" in message and "GiB are free" in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # no .tmp_step_00000004
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000003\n"
+    monkeypatch.setattr(checkpoint, "_write_model_shard", write)
+    checkpoint.save_checkpoint(trainer, run, 4, {}, tokenizer)
+    assert checkpoint.find_checkpoint(run)[0].name == "step_00000004"
+
+
+def test_data_regenerated_in_place_is_in_the_resume_diff(trained, tmp_path, tiny_data, monkeypatch):
+    """The same data directory, the same tokenizer, another corpus (preprocess rerun into it):
+    the checkpoint's data fingerprint differs, so preflight refuses the resume naming
+    data.manifest, and --allow-config-change data accepts it; the unchanged data resumes."""
+    from data_prep.preprocess import preprocess
+    from pretrain.config import DataSource
+    from pretrain.loop import PreflightError, data_errors, fingerprint, preflight
+    from pretrain.parallel import DistEnv
+
+    run, trainer = copy_run(trained, tmp_path), trained[1]
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    monkeypatch.setattr(trainer.cfg.data, "sources", [DataSource(path=str(data))])
+    tokenizer = checkpoint.find_checkpoint(run)[1]["tokenizer"]
+    checkpoint.save_checkpoint(trainer, run, 4, {"data": fingerprint(data_errors(trainer.cfg)[0])}, tokenizer)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=0)
+    assert preflight(trainer.cfg, env, run).changes.accepted == []
+    docs = (tiny_data.parent / "corpus" / "default.jsonl").read_text().splitlines()
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(docs[::2]) + "\n")  # half the documents
+    shutil.rmtree(data)
+    preprocess([str(other)], str(tiny_data.parent / "tok.model"), str(data), workers=1, quiet=True,
+               valid_fraction=0.1)
+    with pytest.raises(PreflightError) as e:
+        preflight(trainer.cfg, env, run)
+    assert f"cannot resume {run / 'checkpoints' / 'step_00000004'}: data.manifest: checkpoint has '{data} " \
+           "(manifest sha256" in str(e.value) and "regenerated in place" in str(e.value), str(e.value)
+    assert "--allow-config-change data.manifest" in str(e.value)
+    (line,) = preflight(trainer.cfg, env, run, allow=("data",)).changes.accepted
+    assert line.startswith("data.manifest:") and line.endswith("(allowed by --allow-config-change)")

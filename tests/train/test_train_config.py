@@ -215,3 +215,49 @@ def test_train_zero_sizes_and_unvalidatable_lengths_are_errors_not_crashes(capsy
         assert main(["--config", tiny, "--dry-run", *args]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, err
+
+
+@pytest.mark.parametrize("backend", ["fa2", "flex"])
+def test_train_preflight_finds_what_used_to_fail_late(tiny_data, tmp_path, monkeypatch, backend):
+    """A sample index bigger than the machine (train.steps=1e12 allocated 13 TiB), a GPU-only
+    attention kernel on a CPU machine, wandb online without credentials: one line each in
+    preflight, before any process group, instead of a traceback minutes later."""
+    import psutil
+
+    import pretrain.parallel
+    from pretrain.loop import train
+
+    monkeypatch.setattr(pretrain.parallel, "init_model_parallel", lambda *a, **k: pytest.fail("process group"))
+    monkeypatch.setattr(pretrain.parallel, "use_gpu", lambda: False)
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    (tmp_path / "netrc").write_text("machine example.org login a password b\n")
+    cfg = load_config(REPO / "configs" / "tiny_alibi.yaml", [
+        "train.steps=1000000000000", f"model.attention_backend={backend}", "wandb.mode=online"])
+    cfg.data.sources = [DataSource(path=str(tiny_data))]
+    with pytest.raises(ConfigError) as e:
+        train(cfg, tmp_path / "run", read_env({}))
+    memory = psutil.virtual_memory().total / 2**30
+    assert e.value.errors[0].startswith("train.steps=1000000000000 x train.global_batch_size=") and \
+        f"more than this machine's {memory:,.0f} GiB: lower train.steps" in e.value.errors[0], e.value.errors
+    assert e.value.errors[1:] == [
+        f"model.attention_backend={backend} needs a CUDA GPU (FlexAttention has no CPU backward, FlashAttention no "
+        f"CPU kernel): this process runs on the CPU; use model.attention_backend=auto (or sdpa)",
+        "wandb.mode=online but no wandb credentials (no WANDB_API_KEY, no `wandb login` entry in ~/.netrc): run "
+        "`wandb login`, or use wandb.mode=offline and `wandb sync` later"]
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
+    cfg = load_config(REPO / "configs" / "tiny_alibi.yaml", ["wandb.mode=online", "train.steps=1000"])
+    cfg.data.sources = [DataSource(path=str(tiny_data))]
+    from pretrain.loop import preflight
+
+    assert preflight(cfg, read_env({}), tmp_path / "run").data is not None  # logged in: no error
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_dry_run_with_data_makes_the_real_runs_data_checks(tiny_data, capsys):
+    tiny = str(REPO / "configs" / "tiny_alibi.yaml")
+    assert main(["--config", tiny, "--data", str(tiny_data), "--dry-run"]) == 0
+    assert main(["--config", tiny, "--data", str(tiny_data), "--dry-run", "model.vocab_size=1024"]) == 2
+    err = capsys.readouterr().err
+    assert "was tokenized with a 4096-token vocabulary" in err and "set model.vocab_size >= 4096" in err, err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import os
 import shutil
 import signal
 import socket
@@ -294,3 +295,64 @@ def test_train_data_with_an_incomplete_shard_is_refused_before_training(tiny_dat
     shard.write_bytes(shard.read_bytes()[:-2])  # one uint16 token short
     with pytest.raises(ConfigError, match=rf"{shard.name} is incomplete \(\d+ bytes, manifest.json says"):
         load_data(cfg)
+
+
+def test_a_second_ctrl_c_exits_at_once_without_a_traceback():
+    """The stop handler as train.py installs it: a first SIGINT is a stop request (the loop
+    checkpoints at the next step boundary), a second ends the process at once with 130."""
+    code = ("import time\nfrom pretrain.stop import StopRequest\ns = StopRequest()\nprint('ready', flush=True)\n"
+            "while not s.signum:\n    time.sleep(0.01)\nprint('stop requested', s.signum, flush=True)\n"
+            "time.sleep(300)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGINT)
+    assert p.stdout.readline().startswith("Ctrl-C: checkpoint at the next step boundary")
+    assert p.stdout.readline().strip() == f"stop requested {int(signal.SIGINT)}"
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and err == "second Ctrl-C: exiting now, without a checkpoint\n", err
+
+
+@pytest.mark.slow
+def test_train_ctrl_c_checkpoints_at_the_next_step_and_exits_0(tiny_data, tmp_path):
+    run_dir, log = tmp_path / "int", tmp_path / "train.log"
+    with open(log, "w") as out:
+        (proc,) = train(run_dir, tiny_data, world=1, stdout=out, stderr=subprocess.STDOUT,
+                        extra=["validation.interval=0", "wandb.enabled=false", "--save-interval", "1000",
+                               "--zero-stage", "1"])
+        deadline = time.time() + 300
+        while not ((run_dir / "metrics.jsonl").exists() and max(records(run_dir), default=0) >= 2):
+            assert time.time() < deadline and proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert wait_all([proc], timeout=300) == [0], log.read_text()[-3000:]
+    text = log.read_text()
+    k = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 2 <= k < STEPS and f"signal SIGINT: checkpoint at step {k} written, exiting 0" in text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+
+
+@pytest.mark.slow
+def test_train_divergence_retry_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
+    """A good run to step 4 (keep_last=1); a resume with a far too high LR diverges (non-finite
+    from step 6: checkpoints at 6 and, at the stop, 7); a retry with the same LR stops at 8. Only
+    the diverged checkpoints rotate: step_4 survives both, and every message names it."""
+    run_dir = tmp_path / "div"
+    common = ["validation.interval=0", "wandb.enabled=false", "checkpoint.keep_last=1", "train.max_bad_steps=2"]
+    flags = ["--save-interval", "2", "--zero-stage", "1"]
+    (proc,) = train(run_dir, tiny_data, world=1, extra=[*common, *flags, "--steps", "4"])
+    assert wait_all([proc], timeout=400) == [0]
+    bad_lr = ["optim.lr=1.0e30", "optim.warmup_steps=0"]
+    good = run_dir / "checkpoints" / "step_00000004"
+    for stop in (7, 8):  # the divergence, then the retry
+        (proc,) = train(run_dir, tiny_data, world=1, stdout=-1, stderr=-1, text=True,
+                        extra=[*common, *bad_lr, *flags, "--steps", "12", "--allow-config-change", "optim",
+                               "train.steps"])
+        out, err = proc.communicate(timeout=400)
+        assert proc.returncode == 1 and f"non-finite losses in a row (train.max_bad_steps=2) at step {stop}" in err
+        assert f"the last good checkpoint (before the non-finite losses) is {good}" in err, err
+        assert f"step {stop}: checkpoint step_{stop:08d} was written while diverging" in out, out
+        assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [good.name, f"step_{stop:08d}"]
+    rec = records(run_dir)
+    assert all(math.isfinite(rec[s]["loss"]) for s in range(1, 6)) and math.isnan(rec[6]["loss"])

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import hold_lock, hold_lock_then_kill9  # noqa: E402
+from conftest import REPO, hold_lock, hold_lock_then_kill9  # noqa: E402
 
 
 def test_lock_is_exclusive_names_its_holder_and_a_killed_holder_blocks_nothing(tmp_path):
@@ -79,3 +79,91 @@ def test_a_requeued_slurm_job_waits_for_its_own_earlier_starts_lock_only(tmp_pat
     assert time.monotonic() - t0 < 5
     other.kill()
     other.wait()
+
+
+def test_symlinks_planted_in_a_run_directory_are_never_written_through(tmp_path):
+    """run.lock, metrics.jsonl, config.step_*.yaml, wandb_id.txt -> a victim file outside: the
+    trainer's writers refuse them (preflight lists them, one line each) and the victim keeps its
+    bytes; config.yaml.tmp and checkpoints/latest.tmp -> the victim are replaced, not followed."""
+    from pretrain.config import load_config
+    from pretrain.metrics import MetricsLogger
+    from pretrain.rundir import RunDirError, RunLock, link_errors, write_atomic, write_config
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("run.lock", "metrics.jsonl", "config.step_00000000.yaml", "wandb_id.txt", "config.yaml.tmp",
+                 "checkpoints/latest.tmp"):
+        (run / name).symlink_to(victim)
+    cfg = load_config(REPO / "configs" / "tiny_alibi.yaml", ["wandb.mode=offline"])
+    for write in (lambda: RunLock(run).acquire(), lambda: MetricsLogger(cfg, run, 0, 0),
+                  lambda: write_config(run, {"a": 1}, 0)):
+        with pytest.raises(RunDirError, match="is a symbolic link .*refusing to write through it"):
+            write()
+    assert sorted(e.split(" is a symbolic link")[0] for e in link_errors(run)) == [
+        str(run / n) for n in ("config.step_00000000.yaml", "metrics.jsonl", "run.lock", "wandb_id.txt")]
+    write_atomic(run / "checkpoints" / "latest", "step_00000001\n")
+    (run / "config.step_00000000.yaml").unlink()
+    write_config(run, {"a": 1}, 0)
+    assert victim.read_text() == "precious\n"
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000001\n" and not (run / "config.yaml").is_symlink()
+
+
+def test_metrics_jsonl_torn_last_line_is_skipped_by_every_reader_and_cut_on_restart(tmp_path):
+    """A kill (or a full disk) mid-write leaves a torn last line: the readers (pretrain.metrics,
+    tools.runs, tools.main_pipeline, tools.bench.compare) skip it, a damaged line before the last is
+    refused naming it, and the next start of the run cuts the torn line before appending."""
+    import json
+
+    from pretrain.config import load_config
+    from pretrain.metrics import MetricsLogger, read_records
+    from tools.bench.compare import read_records as bench_reader
+    from tools.main_pipeline import _last_step
+    from tools.runs import read_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": s, "loss": 5.0 - s, "step_time_s": 1.0} for s in (1, 2)]
+    good = "".join(json.dumps(r) + "\n" for r in records)
+    path = run / "metrics.jsonl"
+    path.write_text(good + '{"step": 3, "loss": 2.')  # torn
+    assert read_records(path) == records and bench_reader is read_records
+    assert _last_step(run) == 2 and sorted(read_run(run).hours) == [1, 2]
+    path.write_text(good.replace('"step": 1', '"step": 1,,') + good)
+    with pytest.raises(ValueError, match="metrics.jsonl: line 1 is not a metrics record"):
+        read_run(run)
+    path.write_text(good + '{"step": 3, "loss": 2.')
+    cfg = load_config(REPO / "configs" / "tiny_alibi.yaml", ["wandb.enabled=false"])
+    logger = MetricsLogger(cfg, run, 0, 2)
+    logger.log({"step": 3, "loss": 2.5})
+    logger.close()
+    assert [r["step"] for r in read_records(path)] == [1, 2, 3] and path.read_text().endswith("}\n")
+
+
+def test_metrics_record_that_hits_a_full_disk_leaves_no_torn_line(tmp_path, capsys, monkeypatch):
+    import errno
+    import os as os_module
+
+    from pretrain import metrics
+    from pretrain.config import load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(REPO / "configs" / "tiny_alibi.yaml", ["wandb.enabled=false"])
+    logger = metrics.MetricsLogger(cfg, run, 0, 0)
+    logger.log({"step": 1, "loss": 3.0})
+    real_write = os_module.write
+
+    def full_disk(fd, data):  # the device fills up after 10 bytes of the line
+        if len(data) > 10:
+            return real_write(fd, data[:10])
+        raise OSError(errno.ENOSPC, os_module.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(metrics.os, "write", full_disk)
+    logger.log({"step": 2, "loss": 2.0})
+    monkeypatch.undo()
+    logger.log({"step": 3, "loss": 1.0})
+    logger.close()
+    assert [r["step"] for r in metrics.read_records(run / "metrics.jsonl")] == [1, 3]
+    assert "the record of step 2 was not written (No space left on device)" in capsys.readouterr().out

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pretrain.config import load_config
+from pretrain.metrics import read_records
 from tools.jobs import ROOT, JobError, child_env, train_cmd
 from tools.plotting import plot_bars
 
@@ -56,8 +57,7 @@ def run_one(spec: BenchSpec, *, data: str, steps: int, tokens_per_batch: int, ba
     print("+", " ".join(cmd), flush=True)
     if subprocess.run(cmd, cwd=ROOT, env=child_env()).returncode:
         raise JobError(f"training {spec.name} failed (its error is printed above): {' '.join(cmd)}")
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
+    return [r for r in read_records(run_dir / "metrics.jsonl") if "loss" in r]
 
 
 def summarize(spec: BenchSpec, records: list[dict], warmup: int, tokens_per_batch: int) -> dict:
