@@ -102,11 +102,11 @@ def prepare_tokenizer_json(model_path: str | Path, sha256: str, dest: Path) -> N
     converted by data_prep/hf_tokenizer.py (~1 CPU-s: importing transformers and deriving the
     merges; done in a child process, so the coordinator never imports transformers) and then
     kept there for the next run."""
-    from data_prep.manifest import tmp_name
+    from data_prep.manifest import fresh_tmp, tmp_name
 
     kept = kept_tokenizer_json(model_path, sha256)
     if kept.exists():
-        shutil.copyfile(kept, tmp_name(dest))
+        shutil.copyfile(kept, fresh_tmp(dest))
         os.replace(tmp_name(dest), dest)
         return
     from data_prep.hf_tokenizer import write_tokenizer_json
@@ -114,7 +114,7 @@ def prepare_tokenizer_json(model_path: str | Path, sha256: str, dest: Path) -> N
     with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
         pool.submit(write_tokenizer_json, str(model_path), dest).result()
     with contextlib.suppress(OSError):  # a read-only model directory: convert again next time
-        shutil.copyfile(dest, tmp_name(kept))
+        shutil.copyfile(dest, fresh_tmp(kept))
         os.replace(tmp_name(kept), kept)
 
 

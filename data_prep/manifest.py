@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,11 +120,21 @@ def tmp_name(path: str | Path) -> str:
     return f"{path}{TMP}{os.getpid()}"
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one."""
+def fresh_tmp(path: str | Path) -> str:
+    """tmp_name(path), with whatever is there removed: a file left by a killed process of the
+    same pid, or a planted symlink, which `open(..., "w")` would follow and truncate its target."""
     tmp = tmp_name(path)
+    Path(tmp).unlink(missing_ok=True)
+    return tmp
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one.
+    The temporary file is created new (O_EXCL: never through a symlink); the rename replaces a
+    symlink at `path` itself, never its target."""
+    tmp = fresh_tmp(path)
     try:
-        with open(tmp, "w") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w") as f:
             json.dump(obj, f, indent=1)
             f.write("\n")
             f.flush()
@@ -205,7 +216,19 @@ def load_manifest(out_dir: str | Path) -> dict:
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: manifest format {manifest.get('format_version')} != {FORMAT_VERSION}")
+    for entry in manifest.get("shards", []) + manifest.get("merged", []):
+        if not safe_prefix(entry.get("prefix")):
+            raise ValueError(f"{path}: shard prefix {entry.get('prefix')!r} is not a file of merged/ or shards/ "
+                             f"in {path.parent} (edited or damaged manifest): re-run preprocess")
     return manifest
+
+
+_PREFIX = re.compile(r"(merged|shards)/[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def safe_prefix(prefix) -> bool:
+    """A manifest prefix this tool writes: a name inside merged/ or shards/, never `../x` or `/x`."""
+    return isinstance(prefix, str) and _PREFIX.fullmatch(prefix) is not None and ".." not in prefix
 
 
 def shard_prefixes(out_dir: str | Path, split: str, *, merged: bool = True, manifest: dict | None = None) -> list[str]:

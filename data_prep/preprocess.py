@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from data_prep.pipeline import DiskFullError, RefusedError, preprocess
+from data_prep.pipeline import DiskFullError, EmptyValidError, RefusedError, preprocess
 from data_prep.progress import HelpFormatter, print_summary
 from data_prep.readers import InputError
 from data_prep.settings import ENCODERS, LAUNCHERS, SettingsError
@@ -78,8 +78,13 @@ def main(argv=None) -> int:
     except (RefusedError, InputError, SettingsError) as e:
         print(f"preprocess: refused: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the workers ignore SIGINT; the running chunks end, the rest never start
+        print("preprocess: interrupted: completed chunks are kept: run the same command again to resume",
+              file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 - strict errors, failed tasks, full disk: say what, not a traceback
-        if isinstance(e, DiskFullError) or type(e).__name__ in ("StrictError", "TaskFailedError", "WorkerDiedError"):
+        if isinstance(e, (DiskFullError, EmptyValidError)) or \
+                type(e).__name__ in ("StrictError", "TaskFailedError", "WorkerDiedError"):
             print(f"preprocess: failed: {e}", file=sys.stderr)
             return 1
         raise

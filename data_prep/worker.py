@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.encoders import SPOT_CHECK, first_difference
-from data_prep.manifest import MAX_EXAMPLES, SPLITS, OutputDir, read_json, tmp_name, write_json_atomic
+from data_prep.manifest import MAX_EXAMPLES, SPLITS, OutputDir, fresh_tmp, read_json, tmp_name, write_json_atomic
 from data_prep.plan import Chunk
 from data_prep.readers import ChunkReader
 from data_prep.settings import PrepSettings
@@ -133,7 +133,7 @@ def _tokenize(chunk: Chunk, s: PrepSettings, plan_id: str, encoder: str, progres
 
     def add(split: str, doc: np.ndarray) -> None:
         if split not in builders:
-            builders[split] = indexed_dataset().IndexedDatasetBuilder(tmp_name(f"{stems[split]}.bin"), dtype=dtype)
+            builders[split] = indexed_dataset().IndexedDatasetBuilder(fresh_tmp(f"{stems[split]}.bin"), dtype=dtype)
         builders[split].add_document(doc, [len(doc)])
         stats[split]["documents"] += 1
         stats[split]["tokens"] += len(doc)
@@ -176,7 +176,7 @@ def _tokenize(chunk: Chunk, s: PrepSettings, plan_id: str, encoder: str, progres
                 flush()
         flush()
         for split, b in builders.items():
-            b.finalize(tmp_name(f"{stems[split]}.idx"))
+            b.finalize(fresh_tmp(f"{stems[split]}.idx"))
             for ext in ("bin", "idx"):
                 os.replace(tmp_name(f"{stems[split]}.{ext}"), f"{stems[split]}.{ext}")
     except BaseException:
