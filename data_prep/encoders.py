@@ -7,10 +7,10 @@ Why fastokens: on this project's tokenizers it gave SentencePiece's ids on every
 as shipped, turns the text `<s>` into the BOS id (docs/reference.md §10).
 
 The fast path is used only when
-  1. the model's settings are ones it is known to be exact for (`fast_unsupported`): a BPE model,
-     identity normalization (no precompiled character map) and whitespace kept as written, which
-     is what train_tokenizer.py writes; anything else uses SentencePiece;
-  2. it gives SentencePiece's ids on fixed edge cases (control pieces written as text, literal
+  1. the model's settings are ones it is known to be exact for (`fast_unsupported`): a BPE model
+     with byte fallback, identity normalization (no precompiled character map) and whitespace kept
+     as written, which is what train_tokenizer.py writes; anything else uses SentencePiece;
+  2. it gives SentencePiece's ids on fixed edge cases (control pieces written as text, alone too, literal
      U+2581, tabs, runs of spaces and newlines, CJK, emoji, byte-fallback characters, ...) and on
      a sample of the actual input (`check`, run by the coordinator before any chunk starts);
   3. and, in each chunk, on the documents whose split key is 0 mod SPOT_CHECK (about 0.1% of them;
@@ -38,7 +38,7 @@ SPOT_CHECK = 1024  # a chunk re-checks the documents whose 64-bit split key is 0
 SAMPLE_BYTES = 1 << 20  # input text checked at start-up (and used to estimate the token count)
 SAMPLE_FILES = 64  # ... taken from the start of at most this many inputs, spread over the list
 SPM_BPE = 2  # ModelProto.TrainerSpec.ModelType
-CONTROL, USER_DEFINED = 3, 4  # ModelProto.SentencePiece.Type
+UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4  # ModelProto.SentencePiece.Type
 
 EDGE_CASES = [
     "a <s> b </s> c <unk> <pad> <|endoftext|> written as text",
@@ -75,6 +75,8 @@ def fast_unsupported(model_path: str | Path) -> str | None:
     ts, ns = proto.trainer_spec, proto.normalizer_spec
     if ts.model_type != SPM_BPE:
         return f"the model is not BPE (SentencePiece model type {ts.model_type})"
+    if not ts.byte_fallback:  # fastokens turned a document that is exactly `<s>` into the control id
+        return "the model has no byte fallback (unknown characters become <unk>, where fastokens is not exact)"
     if ns.precompiled_charsmap:
         return f"the model normalizes text ({ns.name!r} character map); the fast path is known exact only for identity"
     if ns.remove_extra_whitespaces or not ns.escape_whitespaces or ts.treat_whitespace_as_suffix:
@@ -84,11 +86,12 @@ def fast_unsupported(model_path: str | Path) -> str | None:
 
 
 def edge_cases(model_path: str | Path) -> list[str]:
-    """EDGE_CASES plus every control and user-defined piece of the model written as text."""
+    """EDGE_CASES plus every unknown, control and user-defined piece of the model written as text: all
+    together, and each alone (a document that is exactly `<s>`)."""
     proto = spm_pb2.ModelProto()
     proto.ParseFromString(Path(model_path).read_bytes())
-    pieces = [p.piece for p in proto.pieces if p.type in (CONTROL, USER_DEFINED)]
-    return EDGE_CASES + [" ".join(pieces), "".join(pieces)]
+    pieces = [p.piece for p in proto.pieces if p.type in (UNKNOWN, CONTROL, USER_DEFINED)]
+    return EDGE_CASES + [" ".join(pieces), "".join(pieces)] + pieces
 
 
 def kept_tokenizer_json(model_path: str | Path, sha256: str) -> Path:

@@ -10,6 +10,7 @@ files, DIR/manifest.json, and the readers other stages use.
     DIR/.work/done/{chunk}.json             the result of a complete chunk
     DIR/.work/merged/{split}_{k:05d}.json   a merged shard, verified (its chunk shards may be gone)
     DIR/.work/tokenizer.json                the fast encoder's tokenizer, converted from the .model
+    DIR/.work/tokenizer.json.sha256         its model's sha256 and its own: a stale copy is converted again
     DIR/.work/submitit/                     submitit logs of SLURM array tasks
 
 Every state file is written to a temporary name, fsynced and renamed (`write_json_atomic`),

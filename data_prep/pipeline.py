@@ -31,7 +31,7 @@ from data_prep.plan import auto_chunk_bytes, describe_input, edges_sha256, estim
 from data_prep.progress import Reporter
 from data_prep.readers import CORRUPT_STREAM, ChunkReader, expand_inputs
 from data_prep.settings import LAUNCHERS, VALID_MIN_WINDOWS, PrepSettings
-from data_prep.tokenizer import Tokenizer
+from data_prep.tokenizer import Tokenizer, file_sha256
 from data_prep.worker import StrictError, indexed_dataset, load_done, load_tokenizer, token_dtype
 
 __all__ = ["LAUNCHERS", "DiskFullError", "EmptyValidError", "RefusedError", "preprocess"]
@@ -157,8 +157,7 @@ def _choose_encoder(s: PrepSettings, tok: Tokenizer, layout: OutputDir, sample: 
     reason = encoders.fast_unsupported(tok.model_path)
     if reason is None:
         try:
-            if not layout.tokenizer_json.exists():  # a new plan removes it: it may be another tokenizer's
-                encoders.prepare_tokenizer_json(tok.model_path, tok.sha256, layout.tokenizer_json)
+            _fresh_tokenizer_json(layout, tok)
             fast = load_tokenizer(s, encoders.FAST)  # loaded before the workers fork: they share it
         except Exception as e:  # noqa: BLE001 - a conversion or load failure means: not this encoder
             reason = f"fastokens cannot load the converted tokenizer: {type(e).__name__}: {e}"
@@ -173,6 +172,21 @@ def _choose_encoder(s: PrepSettings, tok: Tokenizer, layout: OutputDir, sample: 
     log.info(f"encoder: fastokens {encoders.fast_version()}, the same ids as SentencePiece on "
              f"{checked['edge_cases']} edge cases and {checked['documents']} documents of the input")
     return dict(info, used=encoders.FAST, version=encoders.fast_version(), checked=checked)
+
+
+def _fresh_tokenizer_json(layout: OutputDir, tok: Tokenizer) -> None:
+    """Put the model's tokenizer.json in .work/, unless the one there is known to be it: its
+    record (`tokenizer.json.sha256`) names this model's sha256 and the file's own. A stale copy
+    (another model's, or edited) is replaced before the start-up check, not left to it."""
+    record = Path(f"{layout.tokenizer_json}.sha256")
+    want = read_json(record)
+    if want and want.get("model_sha256") == tok.sha256 and layout.tokenizer_json.is_file() and \
+            file_sha256(layout.tokenizer_json) == want.get("sha256"):
+        return
+    if layout.tokenizer_json.exists():
+        log.warning(f"{layout.tokenizer_json} is not the one converted from {tok.model_path}: converted again")
+    encoders.prepare_tokenizer_json(tok.model_path, tok.sha256, layout.tokenizer_json)
+    write_json_atomic(record, {"model_sha256": tok.sha256, "sha256": file_sha256(layout.tokenizer_json)})
 
 
 def _resolve(s: PrepSettings, described: list[dict], tokens_per_byte: float) -> PrepSettings:

@@ -215,3 +215,56 @@ def test_an_input_edited_in_place_with_size_and_mtime_restored_is_refused(tmp_pa
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
     with pytest.raises(RefusedError, match=r"holds a run of other contents of .*in\.jsonl"):
         run([path], tokenizer_model, tmp_path / "out", chunk_mb=0.05)
+
+
+@pytest.fixture(scope="module")
+def no_byte_fallback(corpus, tmp_path_factory) -> Path:
+    """A BPE model like train_tokenizer.py's but without byte fallback, trained on text without
+    `<`, `>`, `|`: the characters of `<s>` written as text are unknown to it."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("nobf")
+    text = "\n".join(json.loads(line)["text"] for line in corpus[0].read_text().splitlines())
+    (d / "c.txt").write_text(text.translate({ord(c): None for c in "<>|"}))
+    spm.SentencePieceTrainer.train(
+        input=str(d / "c.txt"), model_prefix=str(d / "nobf"), model_type="bpe", vocab_size=1024, byte_fallback=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        eos_piece="<|endoftext|>", pad_piece="<pad>", minloglevel=2)
+    return d / "nobf.model"
+
+
+def test_control_pieces_written_as_whole_documents_keep_sentencepiece_ids(no_byte_fallback, tmp_path):
+    import sentencepiece as spm
+
+    from data_prep import encoders
+    from data_prep.hf_tokenizer import write_tokenizer_json
+
+    sp = spm.SentencePieceProcessor(model_file=str(no_byte_fallback))
+    write_tokenizer_json(no_byte_fallback, tmp_path / "t.json")
+    fast = encoders.FastEncoder(tmp_path / "t.json")
+    literals = ["<s>", "<unk>", "<pad>", "<|endoftext|>"]
+    assert [fast.encode_batch([t])[0].tolist() for t in literals] != [sp.encode(t) for t in literals]  # the hazard
+    cases = encoders.edge_cases(no_byte_fallback)
+    assert set(literals) <= set(cases)
+    assert encoders.first_difference(cases, [sp.encode(c) for c in cases], fast.encode_batch(cases)) is not None
+    (tmp_path / "lit.jsonl").write_bytes(jsonl(literals + ["plain text"]))
+    m = run([tmp_path / "lit.jsonl"], no_byte_fallback, tmp_path / "out", encoder="auto")
+    assert m["encoder"]["used"] == "sentencepiece" and "no byte fallback" in m["encoder"]["fallback"]
+    assert read_split(tmp_path / "out", "train") == [sp.encode(t) + [EOD] for t in literals + ["plain text"]]
+
+
+def test_a_stale_tokenizer_json_cache_is_converted_again(tmp_path, tokenizer_model, corpus, no_byte_fallback, caplog):
+    from data_prep.hf_tokenizer import write_tokenizer_json
+
+    out = tmp_path / "out"
+    args = dict(valid_fraction=0.05, chunk_mb=0.05, encoder="auto")
+    run(corpus, tokenizer_model, out, **args)
+    cache = out / ".work" / "tokenizer.json"
+    good = cache.read_bytes()
+    write_tokenizer_json(no_byte_fallback, cache)  # another model's conversion left in place
+    next((out / ".work" / "done").glob("*.json")).unlink()  # one chunk to redo
+    m = run(corpus, tokenizer_model, out, **args)
+    assert m["encoder"]["used"] == "fastokens" and m["encoder"]["fallback"] is None
+    assert cache.read_bytes() == good and "is not the one converted from" in caplog.text
+    assert m["run"]["chunks_resumed"] == m["run"]["chunks"] - 1
