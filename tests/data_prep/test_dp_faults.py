@@ -268,3 +268,27 @@ def test_a_stale_tokenizer_json_cache_is_converted_again(tmp_path, tokenizer_mod
     assert m["encoder"]["used"] == "fastokens" and m["encoder"]["fallback"] is None
     assert cache.read_bytes() == good and "is not the one converted from" in caplog.text
     assert m["run"]["chunks_resumed"] == m["run"]["chunks"] - 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_one_line_and_the_rerun_resumes(tmp_path, tokenizer_model):
+    import signal
+    import time
+
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(jsonl(DOCS * 8))  # ~1.5 MB: many chunks of 0.05 MB
+    out = tmp_path / "out"
+    cli = [sys.executable, "data_prep/preprocess.py", "--input", str(path), "--tokenizer", str(tokenizer_model),
+           "--output-dir", str(out), "--workers", "2", "--chunk-mb", "0.05", "--valid-fraction", "0",
+           "--encoder", "sentencepiece", "--quiet"]
+    proc = subprocess.Popen(cli, cwd=REPO, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    done, deadline = out / ".work" / "done", time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list(done.glob("*.json")) if done.is_dir() else []) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        "preprocess: interrupted: completed chunks are kept: run the same command again to resume"], err
+    m = run([path], tokenizer_model, out, chunk_mb=0.05, workers=2)
+    assert m["run"]["chunks_resumed"] >= 2 and m["splits"]["train"]["documents"] == len(DOCS) * 8
