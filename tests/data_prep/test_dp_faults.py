@@ -292,3 +292,45 @@ def test_ctrl_c_says_one_line_and_the_rerun_resumes(tmp_path, tokenizer_model):
         "preprocess: interrupted: completed chunks are kept: run the same command again to resume"], err
     m = run([path], tokenizer_model, out, chunk_mb=0.05, workers=2)
     assert m["run"]["chunks_resumed"] >= 2 and m["splits"]["train"]["documents"] == len(DOCS) * 8
+
+
+def _train_config(data_dir: Path, *overrides: str):
+    from pretrain.config import DataSource, load_config
+
+    cfg = load_config(REPO / "configs" / "tiny_alibi.yaml", ["train.global_batch_size=4", "train.micro_batch_size=4",
+                                                             *overrides])
+    cfg.data.sources = [DataSource(path=str(data_dir))]
+    return cfg
+
+
+def test_training_names_a_shard_holding_ids_past_the_vocabulary(tmp_path, tokenizer_model, corpus):
+    from pretrain.data import BatchReader, build_train_dataset, load_data, split_tokens
+    from pretrain.loop import TrainingError
+
+    out = tmp_path / "data"
+    m = run(corpus, tokenizer_model, out, valid_fraction=0.05)
+    cfg = _train_config(out)
+    for split in ("train", "valid"):  # same size, ids >= vocab 2048: the preflight size check passes
+        binf = out / f"{next(e['prefix'] for e in m['merged'] if e['split'] == split)}.bin"
+        tokens = np.fromfile(binf, np.uint16)
+        tokens[::16] = 4000  # < the model's 4096: no crash, silently wrong ids
+        tokens.tofile(binf)
+    data = load_data(cfg)
+    reader = BatchReader(build_train_dataset(cfg, data), cfg, 0, 1)
+    with pytest.raises(TrainingError, match=rf"{out}/merged/train_00000.bin holds token id 4000 .*vocabulary has "
+                                            rf"2048 ids: the shard is damaged"):
+        reader.micro_batches(0)
+    with pytest.raises(TrainingError, match=rf"{out}/merged/valid_00000.bin holds token id 4000 \(document 0\)"):
+        split_tokens(out, "valid", 1000, data.sources[0].manifest)
+
+
+def test_training_refuses_data_without_a_validation_window_in_one_line(tmp_path, tokenizer_model, corpus):
+    from pretrain.config import ConfigError
+    from pretrain.data import load_data
+
+    out = tmp_path / "data"
+    run(corpus, tokenizer_model, out, valid_fraction=0.0)
+    with pytest.raises(ConfigError, match=r"has 0 valid tokens, fewer than one validation window of "
+                                          r"seq_length\+1=65: preprocess into a new --output-dir with --valid-tokens 260"):
+        load_data(_train_config(out))
+    assert load_data(_train_config(out, "validation.interval=0")).sources  # no validation: fine
