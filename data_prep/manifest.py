@@ -82,6 +82,10 @@ class OutputDir:
         return self.work / "tokenizer.json"
 
     @property
+    def tokenizer_json_record(self) -> Path:
+        return self.work / "tokenizer.json.sha256"
+
+    @property
     def submitit(self) -> Path:
         return self.work / "submitit"
 

@@ -178,7 +178,7 @@ def _fresh_tokenizer_json(layout: OutputDir, tok: Tokenizer) -> None:
     """Put the model's tokenizer.json in .work/, unless the one there is known to be it: its
     record (`tokenizer.json.sha256`) names this model's sha256 and the file's own. A stale copy
     (another model's, or edited) is replaced before the start-up check, not left to it."""
-    record = Path(f"{layout.tokenizer_json}.sha256")
+    record = layout.tokenizer_json_record
     want = read_json(record)
     if want and want.get("model_sha256") == tok.sha256 and layout.tokenizer_json.is_file() and \
             file_sha256(layout.tokenizer_json) == want.get("sha256"):

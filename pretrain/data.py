@@ -201,7 +201,10 @@ def _check_ids(ids, dataset, sample: dict, index: int) -> None:
 def _damaged(prefix: str, top: int, vocab: int, where: str):
     from pretrain.loop import TrainingError  # here: loop imports this module
 
-    return TrainingError(f"{prefix}.bin holds token id {top} ({where}), but the data's vocabulary has {vocab} ids: "
+    class DamagedShardError(TrainingError, ValueError):
+        """train.py reports a TrainingError in one line, the evaluation tool a ValueError."""
+
+    return DamagedShardError(f"{prefix}.bin holds token id {top} ({where}), but the data's vocabulary has {vocab} ids: "
                          f"the shard is damaged. Run the same preprocess command on its directory again (it checks "
                          f"each merged shard's sha256 and redoes damaged ones), or copy the data again")
 
