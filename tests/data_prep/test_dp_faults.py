@@ -283,7 +283,7 @@ def test_ctrl_c_says_one_line_and_the_rerun_resumes(tmp_path, tokenizer_model):
            "--encoder", "sentencepiece", "--quiet"]
     proc = subprocess.Popen(cli, cwd=REPO, start_new_session=True, stderr=subprocess.PIPE, text=True)
     done, deadline = out / ".work" / "done", time.time() + 120
-    while time.time() < deadline and proc.poll() is None and len(list(done.glob("*.json")) if done.is_dir() else []) < 2:
+    while time.time() < deadline and proc.poll() is None and (not done.is_dir() or len(list(done.glob("*.json"))) < 2):
         time.sleep(0.05)
     assert proc.poll() is None, "finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
@@ -330,7 +330,7 @@ def test_training_refuses_data_without_a_validation_window_in_one_line(tmp_path,
 
     out = tmp_path / "data"
     run(corpus, tokenizer_model, out, valid_fraction=0.0)
-    with pytest.raises(ConfigError, match=r"has 0 valid tokens, fewer than one validation window of "
-                                          r"seq_length\+1=65: preprocess into a new --output-dir with --valid-tokens 260"):
+    with pytest.raises(ConfigError, match=r"has 0 valid tokens, fewer than one validation window of seq_length\+1=65: "
+                                          r"preprocess into a new --output-dir with --valid-tokens 260"):
         load_data(_train_config(out))
     assert load_data(_train_config(out, "validation.interval=0")).sources  # no validation: fine
