@@ -75,13 +75,13 @@ def fast_unsupported(model_path: str | Path) -> str | None:
     ts, ns = proto.trainer_spec, proto.normalizer_spec
     if ts.model_type != SPM_BPE:
         return f"the model is not BPE (SentencePiece model type {ts.model_type})"
-    if not ts.byte_fallback:  # fastokens turned a document that is exactly `<s>` into the control id
-        return "the model has no byte fallback (unknown characters become <unk>, where fastokens is not exact)"
     if ns.precompiled_charsmap:
         return f"the model normalizes text ({ns.name!r} character map); the fast path is known exact only for identity"
     if ns.remove_extra_whitespaces or not ns.escape_whitespaces or ts.treat_whitespace_as_suffix:
         return "the model rewrites whitespace (remove_extra_whitespaces, escape_whitespaces or " \
                "treat_whitespace_as_suffix differ from train_tokenizer.py's)"
+    if not ts.byte_fallback:  # fastokens turned a document that is exactly `<s>` into the control id
+        return "the model has no byte fallback (unknown characters become <unk>, where fastokens is not exact)"
     return None
 
 

@@ -131,10 +131,13 @@ def edges_sha256(chunks: list[Chunk]) -> dict[str, str]:
         by_path.setdefault(c.path, []).append(c)
     for path, cs in by_path.items():
         h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for c in cs:
-                for at in sorted({c.raw_start, max(c.raw_start, c.raw_end - EDGE_BYTES)}):
-                    f.seek(at)
-                    h.update(f.read(min(EDGE_BYTES, c.raw_end - at)))
+        try:
+            with open(path, "rb") as f:
+                for c in cs:
+                    for at in sorted({c.raw_start, max(c.raw_start, c.raw_end - EDGE_BYTES)}):
+                        f.seek(at)
+                        h.update(f.read(min(EDGE_BYTES, c.raw_end - at)))
+        except OSError:  # gone since it was described: its chunks report it as unreadable
+            continue
         out[path] = h.hexdigest()
     return out

@@ -234,6 +234,7 @@ class _Decompressed(io.RawIOBase):
         self._input = b""  # raw bytes read but not yet given to a decompressor
         self._dec = None  # the decompressor of the member being read, if any
         self._held = False  # the decompressor may hold output: the next step feeds it nothing
+        self._error: StreamError | None = None  # raised once the bytes before it are returned
 
     def readable(self) -> bool:
         return True
@@ -266,14 +267,24 @@ class _Decompressed(io.RawIOBase):
         return out
 
     def readinto(self, b) -> int:
-        while self._at == len(self._buf):
-            out = self._step()
-            if out is None:
-                return 0
-            self._buf, self._at = out, 0
-        n = min(len(b), len(self._buf) - self._at)
-        b[:n] = memoryview(self._buf)[self._at:self._at + n]
-        self._at += n
+        """Fill `b` from as many steps as it takes (zstd's are small); an error is raised only
+        once everything decompressed before it was returned."""
+        n = 0
+        while n < len(b) and self._error is None:
+            if self._at == len(self._buf):
+                try:
+                    out = self._step()
+                except StreamError as e:
+                    self._error = e
+                    break
+                if out is None:
+                    break
+                self._buf, self._at = out, 0
+            k = min(len(b) - n, len(self._buf) - self._at)
+            b[n:n + k] = memoryview(self._buf)[self._at:self._at + k]
+            n, self._at = n + k, self._at + k
+        if n == 0 and self._error is not None:
+            raise self._error
         return n
 
     def close(self) -> None:
