@@ -32,7 +32,7 @@ from data_prep.progress import Reporter
 from data_prep.readers import CORRUPT_STREAM, ChunkReader, expand_inputs
 from data_prep.settings import LAUNCHERS, VALID_MIN_WINDOWS, PrepSettings
 from data_prep.tokenizer import Tokenizer, file_sha256
-from data_prep.worker import StrictError, indexed_dataset, load_done, load_tokenizer, token_dtype
+from data_prep.worker import SMALLEST_KEYS, StrictError, indexed_dataset, load_done, load_tokenizer, token_dtype
 
 __all__ = ["LAUNCHERS", "DiskFullError", "EmptyValidError", "RefusedError", "preprocess"]
 
@@ -322,12 +322,7 @@ def _run(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputD
     used = [r.get("encoder", "sentencepiece") for r in results.values()]
     manifest["encoder"] = dict(encoder, chunks={e: used.count(e) for e in ("sentencepiece", encoders.FAST)})
     if (s.valid_fraction > 0 or s.valid_tokens) and manifest["splits"]["valid"]["documents"] == 0:
-        need = VALID_MIN_WINDOWS * s.eval_length
-        raise EmptyValidError(
-            f"the valid split is empty: none of the {manifest['splits']['train']['documents']:,} documents falls "
-            f"under --valid-fraction {s.valid_fraction:.3g}, so there is nothing to validate on (no manifest was "
-            f"written). Rerun into a new --output-dir with --valid-tokens {need} (or a larger --valid-fraction), "
-            f"or with --valid-fraction 0 for no valid split")
+        raise EmptyValidError(_empty_valid(manifest["splits"]["train"], s, results))
     manifest["warnings"] = _warnings(manifest, s)
     for w in manifest["warnings"]:
         log.warning(w)
@@ -348,6 +343,24 @@ def _run(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputD
                        "coordinator_tokenize_cpu_s": round(cpu_merge - cpu_chunks, 3)}
     write_manifest(layout.root, manifest)
     return manifest
+
+
+def _empty_valid(train: dict, s: PrepSettings, results: dict) -> str:
+    """The message for a valid split without documents, with a fix that applies to this corpus:
+    the fraction (3 significant digits, rounded up) that takes in the documents of the smallest
+    split keys, which every chunk records."""
+    docs = train["documents"]
+    keys = sorted(k for r in results.values() for k in r.get("smallest_keys", []))[:SMALLEST_KEYS]
+    if keys:
+        f = (keys[-1] + 1) / 2**64
+        scale = 10 ** (2 - math.floor(math.log10(f)))
+        fix = f"--valid-fraction {min(0.999, math.ceil(f * scale) / scale):.3g} (puts at least {len(keys)} of its " \
+              f"documents there)"
+    else:  # results of an older version: the expected count only
+        fix = f"--valid-fraction {min(0.5, SMALLEST_KEYS / max(docs, 1)):.3g} (about {SMALLEST_KEYS} of its documents)"
+    return (f"the valid split is empty: none of the {docs:,} documents falls under --valid-fraction "
+            f"{s.valid_fraction:.3g}, so there is nothing to validate on (no manifest was written). Rerun into a "
+            f"new --output-dir with {fix}, or with --valid-fraction 0 for no valid split")
 
 
 def _warnings(manifest: dict, s: PrepSettings) -> list[str]:

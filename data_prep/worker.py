@@ -33,6 +33,9 @@ __all__ = ["SPLITS", "StrictError", "indexed_dataset", "load_done", "load_tokeni
 log = logging.getLogger("data_prep")
 
 
+SMALLEST_KEYS = 4  # split keys kept per chunk: an empty valid split's fix puts this many documents in valid
+
+
 class StrictError(RuntimeError):
     """--strict and a bad record."""
 
@@ -130,6 +133,7 @@ def _tokenize(chunk: Chunk, s: PrepSettings, plan_id: str, encoder: str, progres
     reader = ChunkReader(chunk.path, chunk.kind, chunk.compression, chunk.start, chunk.end,
                          s.text_key, s.max_doc_bytes)
     batch, batch_size, last = [], 0, 0
+    smallest: list[int] = []  # the chunk's SMALLEST_KEYS smallest split keys (a valid split that came out empty)
 
     def add(split: str, doc: np.ndarray) -> None:
         if split not in builders:
@@ -154,6 +158,8 @@ def _tokenize(chunk: Chunk, s: PrepSettings, plan_id: str, encoder: str, progres
             doc[-1] = tok.eod
             add("valid" if key < threshold else "train", doc)
             tokens += len(doc)
+            smallest.append(key)
+        smallest[:] = sorted(smallest)[:SMALLEST_KEYS]
         if progress is not None:
             progress(reader.consumed - last, tokens)
             last = reader.consumed
@@ -191,7 +197,7 @@ def _tokenize(chunk: Chunk, s: PrepSettings, plan_id: str, encoder: str, progres
             for ext in ("bin", "idx"):
                 Path(f"{stems[split]}.{ext}").unlink(missing_ok=True)
     result = {"id": chunk.id, "plan": plan_id, "encoder": tok.encoder, "splits": {},
-              "rejected": rejected, "lines": reader.lines, "bytes": reader.consumed,
+              "rejected": rejected, "lines": reader.lines, "bytes": reader.consumed, "smallest_keys": smallest,
               "raw_sha256": _hash_raw(chunk.path, chunk.raw_start, chunk.raw_end),
               "elapsed_s": round(time.time() - t0, 3), "resumed": False}
     for split in SPLITS:

@@ -181,11 +181,18 @@ def test_enospc_at_plan_or_manifest_gives_the_full_disk_message(tmp_path, tokeni
     assert run(corpus[:1], tokenizer_model, out)["run"]["chunks_resumed"] > 0
 
 
-def test_an_empty_valid_split_fails_with_the_fix(tmp_path, tokenizer_model):
-    (tmp_path / "few.jsonl").write_bytes(jsonl(DOCS[:5]))
-    with pytest.raises(EmptyValidError, match="the valid split is empty.* --valid-tokens 32768"):
-        run([tmp_path / "few.jsonl"], tokenizer_model, tmp_path / "out", valid_fraction=0.001)
-    assert not (tmp_path / "out" / "manifest.json").exists()
+def test_an_empty_valid_split_fails_with_a_fix_that_works(tmp_path, tokenizer_model, corpus):
+    import re
+
+    (tmp_path / "few.jsonl").write_bytes(jsonl(DOCS[:20]))
+    for inputs, n in (([tmp_path / "few.jsonl"], 20), (corpus, 100)):
+        with pytest.raises(EmptyValidError, match=rf"the valid split is empty: none of the {n} documents .* new "
+                                                  r"--output-dir with --valid-fraction \S+ \(puts at least 4") as e:
+            run(inputs, tokenizer_model, tmp_path / f"out{n}", valid_fraction=1e-9)
+        assert not (tmp_path / f"out{n}" / "manifest.json").exists()
+        fraction = float(re.search(r"--valid-fraction (\S+) \(", str(e.value))[1])
+        m = run(inputs, tokenizer_model, tmp_path / f"fixed{n}", valid_fraction=fraction)  # the advice applies
+        assert m["splits"]["valid"]["documents"] >= 4
 
 
 def test_a_merged_shard_changed_at_the_same_size_is_redone(tmp_path, tokenizer_model, corpus):
