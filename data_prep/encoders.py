@@ -7,10 +7,10 @@ Why fastokens: on this project's tokenizers it gave SentencePiece's ids on every
 as shipped, turns the text `<s>` into the BOS id (docs/reference.md §10).
 
 The fast path is used only when
-  1. the model's settings are ones it is known to be exact for (`fast_unsupported`): a BPE model,
-     identity normalization (no precompiled character map) and whitespace kept as written, which
-     is what train_tokenizer.py writes; anything else uses SentencePiece;
-  2. it gives SentencePiece's ids on fixed edge cases (control pieces written as text, literal
+  1. the model's settings are ones it is known to be exact for (`fast_unsupported`): a BPE model
+     with byte fallback, identity normalization (no precompiled character map) and whitespace kept
+     as written, which is what train_tokenizer.py writes; anything else uses SentencePiece;
+  2. it gives SentencePiece's ids on fixed edge cases (control pieces written as text, alone too, literal
      U+2581, tabs, runs of spaces and newlines, CJK, emoji, byte-fallback characters, ...) and on
      a sample of the actual input (`check`, run by the coordinator before any chunk starts);
   3. and, in each chunk, on the documents whose split key is 0 mod SPOT_CHECK (about 0.1% of them;
@@ -38,7 +38,7 @@ SPOT_CHECK = 1024  # a chunk re-checks the documents whose 64-bit split key is 0
 SAMPLE_BYTES = 1 << 20  # input text checked at start-up (and used to estimate the token count)
 SAMPLE_FILES = 64  # ... taken from the start of at most this many inputs, spread over the list
 SPM_BPE = 2  # ModelProto.TrainerSpec.ModelType
-CONTROL, USER_DEFINED = 3, 4  # ModelProto.SentencePiece.Type
+UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4  # ModelProto.SentencePiece.Type
 
 EDGE_CASES = [
     "a <s> b </s> c <unk> <pad> <|endoftext|> written as text",
@@ -80,15 +80,18 @@ def fast_unsupported(model_path: str | Path) -> str | None:
     if ns.remove_extra_whitespaces or not ns.escape_whitespaces or ts.treat_whitespace_as_suffix:
         return "the model rewrites whitespace (remove_extra_whitespaces, escape_whitespaces or " \
                "treat_whitespace_as_suffix differ from train_tokenizer.py's)"
+    if not ts.byte_fallback:  # fastokens turned a document that is exactly `<s>` into the control id
+        return "the model has no byte fallback (unknown characters become <unk>, where fastokens is not exact)"
     return None
 
 
 def edge_cases(model_path: str | Path) -> list[str]:
-    """EDGE_CASES plus every control and user-defined piece of the model written as text."""
+    """EDGE_CASES plus every unknown, control and user-defined piece of the model written as text: all
+    together, and each alone (a document that is exactly `<s>`)."""
     proto = spm_pb2.ModelProto()
     proto.ParseFromString(Path(model_path).read_bytes())
-    pieces = [p.piece for p in proto.pieces if p.type in (CONTROL, USER_DEFINED)]
-    return EDGE_CASES + [" ".join(pieces), "".join(pieces)]
+    pieces = [p.piece for p in proto.pieces if p.type in (UNKNOWN, CONTROL, USER_DEFINED)]
+    return EDGE_CASES + [" ".join(pieces), "".join(pieces)] + pieces
 
 
 def kept_tokenizer_json(model_path: str | Path, sha256: str) -> Path:
@@ -102,11 +105,11 @@ def prepare_tokenizer_json(model_path: str | Path, sha256: str, dest: Path) -> N
     converted by data_prep/hf_tokenizer.py (~1 CPU-s: importing transformers and deriving the
     merges; done in a child process, so the coordinator never imports transformers) and then
     kept there for the next run."""
-    from data_prep.manifest import tmp_name
+    from data_prep.manifest import fresh_tmp, tmp_name
 
     kept = kept_tokenizer_json(model_path, sha256)
     if kept.exists():
-        shutil.copyfile(kept, tmp_name(dest))
+        shutil.copyfile(kept, fresh_tmp(dest))
         os.replace(tmp_name(dest), dest)
         return
     from data_prep.hf_tokenizer import write_tokenizer_json
@@ -114,7 +117,7 @@ def prepare_tokenizer_json(model_path: str | Path, sha256: str, dest: Path) -> N
     with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
         pool.submit(write_tokenizer_json, str(model_path), dest).result()
     with contextlib.suppress(OSError):  # a read-only model directory: convert again next time
-        shutil.copyfile(dest, tmp_name(kept))
+        shutil.copyfile(dest, fresh_tmp(kept))
         os.replace(tmp_name(kept), kept)
 
 

@@ -10,6 +10,7 @@ files, DIR/manifest.json, and the readers other stages use.
     DIR/.work/done/{chunk}.json             the result of a complete chunk
     DIR/.work/merged/{split}_{k:05d}.json   a merged shard, verified (its chunk shards may be gone)
     DIR/.work/tokenizer.json                the fast encoder's tokenizer, converted from the .model
+    DIR/.work/tokenizer.json.sha256         its model's sha256 and its own: a stale copy is converted again
     DIR/.work/submitit/                     submitit logs of SLURM array tasks
 
 Every state file is written to a temporary name, fsynced and renamed (`write_json_atomic`),
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +82,10 @@ class OutputDir:
         return self.work / "tokenizer.json"
 
     @property
+    def tokenizer_json_record(self) -> Path:
+        return self.work / "tokenizer.json.sha256"
+
+    @property
     def submitit(self) -> Path:
         return self.work / "submitit"
 
@@ -119,11 +125,21 @@ def tmp_name(path: str | Path) -> str:
     return f"{path}{TMP}{os.getpid()}"
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one."""
+def fresh_tmp(path: str | Path) -> str:
+    """tmp_name(path), with whatever is there removed: a file left by a killed process of the
+    same pid, or a planted symlink, which `open(..., "w")` would follow and truncate its target."""
     tmp = tmp_name(path)
+    Path(tmp).unlink(missing_ok=True)
+    return tmp
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one.
+    The temporary file is created new (O_EXCL: never through a symlink); the rename replaces a
+    symlink at `path` itself, never its target."""
+    tmp = fresh_tmp(path)
     try:
-        with open(tmp, "w") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w") as f:
             json.dump(obj, f, indent=1)
             f.write("\n")
             f.flush()
@@ -205,7 +221,19 @@ def load_manifest(out_dir: str | Path) -> dict:
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: manifest format {manifest.get('format_version')} != {FORMAT_VERSION}")
+    for entry in manifest.get("shards", []) + manifest.get("merged", []):
+        if not safe_prefix(entry.get("prefix")):
+            raise ValueError(f"{path}: shard prefix {entry.get('prefix')!r} is not a file of merged/ or shards/ "
+                             f"in {path.parent} (edited or damaged manifest): re-run preprocess")
     return manifest
+
+
+_PREFIX = re.compile(r"(merged|shards)/[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def safe_prefix(prefix) -> bool:
+    """A manifest prefix this tool writes: a name inside merged/ or shards/, never `../x` or `/x`."""
+    return isinstance(prefix, str) and _PREFIX.fullmatch(prefix) is not None and ".." not in prefix
 
 
 def shard_prefixes(out_dir: str | Path, split: str, *, merged: bool = True, manifest: dict | None = None) -> list[str]:

@@ -27,14 +27,14 @@ from pathlib import Path
 from data_prep import encoders, launch
 from data_prep.manifest import TMP, OutputDir, build_manifest, read_json, write_json_atomic, write_manifest
 from data_prep.merge import merge_one, plan_merge, verified_merges
-from data_prep.plan import auto_chunk_bytes, describe_input, estimated_bytes, plan_chunks
+from data_prep.plan import auto_chunk_bytes, describe_input, edges_sha256, estimated_bytes, plan_chunks
 from data_prep.progress import Reporter
-from data_prep.readers import ChunkReader, expand_inputs
+from data_prep.readers import CORRUPT_STREAM, ChunkReader, expand_inputs
 from data_prep.settings import LAUNCHERS, VALID_MIN_WINDOWS, PrepSettings
-from data_prep.tokenizer import Tokenizer
-from data_prep.worker import StrictError, indexed_dataset, load_done, load_tokenizer, token_dtype
+from data_prep.tokenizer import Tokenizer, file_sha256
+from data_prep.worker import SMALLEST_KEYS, StrictError, indexed_dataset, load_done, load_tokenizer, token_dtype
 
-__all__ = ["LAUNCHERS", "DiskFullError", "RefusedError", "preprocess"]
+__all__ = ["LAUNCHERS", "DiskFullError", "EmptyValidError", "RefusedError", "preprocess"]
 
 log = logging.getLogger("data_prep")
 
@@ -47,14 +47,25 @@ class DiskFullError(RuntimeError):
     """The output file system filled up; the message says how much space the run needs."""
 
 
+class EmptyValidError(RuntimeError):
+    """A valid split was asked for but no document fell into it; the message gives the fix."""
+
+
 def _size(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 @contextlib.contextmanager
 def _locked(layout: OutputDir):
-    """Hold the output directory's lock for the run; refuse at once if another run holds it."""
-    f = open(layout.lock, "a+")
+    """Hold the output directory's lock for the run; refuse at once if another run holds it.
+    A symlink in its place is refused (O_NOFOLLOW): the run would truncate the file it points to."""
+    try:
+        f = os.fdopen(os.open(layout.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise RefusedError(f"cannot open {layout.lock} ({e.strerror}); pass a writable --output-dir") from e
+        raise RefusedError(f"{layout.lock} is a symlink (to {os.readlink(layout.lock)}); this tool writes it: "
+                           f"remove the link and run again") from e
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -79,7 +90,6 @@ def _prepare_dirs(layout: OutputDir) -> None:
     try:
         for d in layout.state_dirs:
             d.mkdir(parents=True, exist_ok=True)
-        layout.lock.touch()
     except OSError as e:
         raise RefusedError(f"cannot write to output directory {layout.root} ({e.strerror}); "
                            f"pass a writable --output-dir") from e
@@ -96,6 +106,13 @@ def _check_plan(layout: OutputDir, fingerprint: dict) -> None:
                 f"{layout.root} holds shards made with another tokenizer ({old.get('tokenizer')}, sha256 "
                 f"{str(old.get('tokenizer_sha256'))[:12]}...); use a new --output-dir or delete {layout.root}")
         diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+        old_inputs = {i.get("path"): i for i in old.get("inputs", [])}
+        if diff == ["inputs"] and list(old_inputs) == [i["path"] for i in fingerprint["inputs"]]:
+            changed = [i["path"] for i in fingerprint["inputs"] if old_inputs[i["path"]] != i]
+            raise RefusedError(
+                f"{layout.root} holds a run of other contents of {', '.join(changed)} (changed since that run "
+                f"started: size, mtime or bytes); resuming would mix old and new text: use a new --output-dir, "
+                f"or delete {layout.root}")
         raise RefusedError(
             f"{layout.root} holds a run with different {', '.join(diff)}; resuming needs the same "
             f"arguments: rerun with them, or use a new --output-dir")
@@ -140,8 +157,7 @@ def _choose_encoder(s: PrepSettings, tok: Tokenizer, layout: OutputDir, sample: 
     reason = encoders.fast_unsupported(tok.model_path)
     if reason is None:
         try:
-            if not layout.tokenizer_json.exists():  # a new plan removes it: it may be another tokenizer's
-                encoders.prepare_tokenizer_json(tok.model_path, tok.sha256, layout.tokenizer_json)
+            _fresh_tokenizer_json(layout, tok)
             fast = load_tokenizer(s, encoders.FAST)  # loaded before the workers fork: they share it
         except Exception as e:  # noqa: BLE001 - a conversion or load failure means: not this encoder
             reason = f"fastokens cannot load the converted tokenizer: {type(e).__name__}: {e}"
@@ -156,6 +172,21 @@ def _choose_encoder(s: PrepSettings, tok: Tokenizer, layout: OutputDir, sample: 
     log.info(f"encoder: fastokens {encoders.fast_version()}, the same ids as SentencePiece on "
              f"{checked['edge_cases']} edge cases and {checked['documents']} documents of the input")
     return dict(info, used=encoders.FAST, version=encoders.fast_version(), checked=checked)
+
+
+def _fresh_tokenizer_json(layout: OutputDir, tok: Tokenizer) -> None:
+    """Put the model's tokenizer.json in .work/, unless the one there is known to be it: its
+    record (`tokenizer.json.sha256`) names this model's sha256 and the file's own. A stale copy
+    (another model's, or edited) is replaced before the start-up check, not left to it."""
+    record = layout.tokenizer_json_record
+    want = read_json(record)
+    if want and want.get("model_sha256") == tok.sha256 and layout.tokenizer_json.is_file() and \
+            file_sha256(layout.tokenizer_json) == want.get("sha256"):
+        return
+    if layout.tokenizer_json.exists():
+        log.warning(f"{layout.tokenizer_json} is not the one converted from {tok.model_path}: converted again")
+    encoders.prepare_tokenizer_json(tok.model_path, tok.sha256, layout.tokenizer_json)
+    write_json_atomic(record, {"model_sha256": tok.sha256, "sha256": file_sha256(layout.tokenizer_json)})
 
 
 def _resolve(s: PrepSettings, described: list[dict], tokens_per_byte: float) -> PrepSettings:
@@ -197,12 +228,23 @@ def preprocess(inputs, tokenizer_path, output_dir, **settings) -> dict:
         raise RefusedError(f"cannot load tokenizer {tokenizer_path}: {e}; pass the .model file "
                            f"written by data_prep/train_tokenizer.py") from e
     s = replace(s, tokenizer=str(tok.model_path), workers=s.workers or len(os.sched_getaffinity(0)))
-    paths = expand_inputs(list(inputs) if not isinstance(inputs, (str, Path)) else [inputs])
+    skipped: list[dict] = []
+    paths = expand_inputs(list(inputs) if not isinstance(inputs, (str, Path)) else [inputs], skipped)
+    for x in skipped:
+        log.warning(f"skipped {x['file']}: {x['reason']}")
     described = [describe_input(p, s.text_key) for p in paths]
     layout = OutputDir(s.out_dir)
     _prepare_dirs(layout)
     with _locked(layout):
-        return _run(s, tok, described, layout, t0)
+        try:
+            return _run(s, tok, described, layout, t0, skipped)
+        except OSError as e:  # a state file (plan.json, the manifest, a merge mark) on a full disk
+            if e.errno != errno.ENOSPC:
+                raise
+            raise DiskFullError(
+                f"no space left on device for {layout.root} ({_size(shutil.disk_usage(layout.root).free)} free) "
+                f"writing {e.filename or 'a state file'}: free space (or move the directory), then run the same "
+                f"command again: completed chunks are kept") from e
 
 
 def _start(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputDir):
@@ -213,9 +255,11 @@ def _start(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: Outpu
     tokens_per_byte = text_per_input_byte * (sum(map(len, sample_ids)) + len(sample)) / \
         max(sum(len(t.encode()) for t in sample), 1)  # per input byte, one eod per document
     s = _resolve(s, described, tokens_per_byte)
+    edges = edges_sha256(plan_chunks(described, s.chunk_bytes, s.max_compressed_chunks))
     fingerprint = {"tokenizer": str(tok.model_path), "tokenizer_sha256": tok.sha256,
                    "settings": s.output_settings(token_dtype(tok.vocab_size).__name__),
-                   "inputs": [{k: d[k] for k in ("path", "size", "mtime_ns")} for d in described]}
+                   "inputs": [dict({k: d[k] for k in ("path", "size", "mtime_ns")}, edges_sha256=edges.get(d["path"]))
+                              for d in described]}
     plan_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     _check_plan(layout, fingerprint)
     if s.strict and (bad := next((d for d in described if not d["readable"]), None)):
@@ -224,11 +268,12 @@ def _start(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: Outpu
     return replace(s, encoder=encoder["used"]), plan_id, fingerprint, encoder, tokens_per_byte
 
 
-def _run(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputDir, t0: float) -> dict:
+def _run(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputDir, t0: float,
+         skipped: list[dict]) -> dict:
     s, plan_id, fingerprint, encoder, tokens_per_byte = _start(s, tok, described, layout)
     dtype = token_dtype(tok.vocab_size)
     chunks = plan_chunks(described, s.chunk_bytes, s.max_compressed_chunks)
-    merged_held = verified_merges(layout, plan_id)
+    merged_held = verified_merges(layout, plan_id, s.workers)
     done = {c.id: r for c in chunks if (r := load_done(layout, c.id, plan_id, merged_held)) is not None}
     todo = [c for c in chunks if c.id not in done]
     # token bytes of the whole run from the sample's tokens per byte (disk-space messages only), and
@@ -261,18 +306,23 @@ def _run(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputD
         merged = plan_merge(manifest["shards"], s.merge_bytes)
         t_merge, cpu_merge = time.time(), time.process_time()
         if s.merge_bytes > 0:
-            launch.map_tasks(merge_one, [(s.out_dir, e, dtype.__name__, plan_id, s.keep_chunk_shards)
-                                         for e in merged], s)
+            hashes = launch.map_tasks(merge_one, [(s.out_dir, e, dtype.__name__, plan_id, s.keep_chunk_shards)
+                                                  for e in merged], s)
+            for e, h in zip(merged, hashes):
+                e["sha256"] = h
     except (OSError, launch.TaskFailedError) as e:  # a SLURM task's error arrives as its text
         if getattr(e, "errno", None) == errno.ENOSPC or f"[Errno {errno.ENOSPC}]" in str(e):
             written = sum(p.stat().st_size for d in (layout.shards_dir, layout.merged_dir) for p in d.glob("*.bin"))
             raise _disk_full(layout, total_out, written, merge_room) from e
         raise
     manifest["merged"] = [{k: v for k, v in e.items() if k != "parts"} for e in merged]
+    manifest["skipped_inputs"] = skipped
     manifest["chunk_shards_removed"] = any(not Path(f"{layout.path(x['prefix'])}.bin").exists()
                                            for x in manifest["shards"] if x["documents"])
     used = [r.get("encoder", "sentencepiece") for r in results.values()]
     manifest["encoder"] = dict(encoder, chunks={e: used.count(e) for e in ("sentencepiece", encoders.FAST)})
+    if (s.valid_fraction > 0 or s.valid_tokens) and manifest["splits"]["valid"]["documents"] == 0:
+        raise EmptyValidError(_empty_valid(manifest["splits"]["train"], s, results))
     manifest["warnings"] = _warnings(manifest, s)
     for w in manifest["warnings"]:
         log.warning(w)
@@ -295,9 +345,32 @@ def _run(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputD
     return manifest
 
 
+def _empty_valid(train: dict, s: PrepSettings, results: dict) -> str:
+    """The message for a valid split without documents, with a fix that applies to this corpus:
+    the fraction (3 significant digits, rounded up) that takes in the documents of the smallest
+    split keys, which every chunk records."""
+    docs = train["documents"]
+    keys = sorted(k for r in results.values() for k in r.get("smallest_keys", []))[:SMALLEST_KEYS]
+    if keys:
+        f = (keys[-1] + 1) / 2**64
+        scale = 10 ** (2 - math.floor(math.log10(f)))
+        fix = f"--valid-fraction {min(0.999, math.ceil(f * scale) / scale):.3g} (puts at least {len(keys)} of its " \
+              f"documents there)"
+    else:  # results of an older version: the expected count only
+        fix = f"--valid-fraction {min(0.5, SMALLEST_KEYS / max(docs, 1)):.3g} (about {SMALLEST_KEYS} of its documents)"
+    return (f"the valid split is empty: none of the {docs:,} documents falls under --valid-fraction "
+            f"{s.valid_fraction:.3g}, so there is nothing to validate on (no manifest was written). Rerun into a "
+            f"new --output-dir with {fix}, or with --valid-fraction 0 for no valid split")
+
+
 def _warnings(manifest: dict, s: PrepSettings) -> list[str]:
     """Problems the run finished with, each with the flag that fixes it."""
     out = []
+    if corrupt := manifest["rejected"].get(CORRUPT_STREAM):
+        files = sorted({ex["file"] for ex in corrupt["examples"]})
+        out.append(f"{corrupt['count']} compressed input(s) hold damaged data ({', '.join(files)}): the documents "
+                   f"decoded before the damage were kept and may be garbled; download them again and rerun into a "
+                   f"new --output-dir")
     valid, need = manifest["splits"]["valid"]["tokens"], VALID_MIN_WINDOWS * s.eval_length
     if (s.valid_fraction > 0 or s.valid_tokens) and valid < need:
         out.append(f"the valid split has {valid:,} tokens, fewer than {VALID_MIN_WINDOWS} windows of "

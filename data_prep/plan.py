@@ -11,10 +11,16 @@ inputs prefer plain text or several compressed files (e.g. `split -C 2G`) to one
 A Parquet file is cut at row-group boundaries into chunks of about `chunk_bytes` of (uncompressed)
 text, so one big file is not one serial task; sizes come from the file footer.
 Each chunk also hashes its own slice of the raw file, so input checksums cost no serial pass.
+The plan records, per input, its size, mtime and a hash of the first and last EDGE_BYTES of every
+chunk's raw range (`edges_sha256`, a few reads per chunk): a resume refuses an input changed at
+any of those places even with its size and mtime restored. A change elsewhere inside a chunk
+with size and mtime restored is not seen on resume (the manifest's checksums, made from the
+bytes each chunk read, still describe what was tokenized).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -25,6 +31,7 @@ from data_prep.readers import InputError, detect_format, parquet_row_groups
 RATIO = {None: 1.0, "gz": 3.0, "xz": 4.0, "zst": 4.0, "bz2": 4.0}  # assumed uncompressed/compressed size
 TARGET_CHUNKS = 16384  # enough for ~1000 workers to end together (tail loss ~ workers/chunks/2)
 MIN_CHUNK, MAX_CHUNK = 4 << 20, 256 << 20
+EDGE_BYTES = 4096  # bytes hashed at each end of every chunk's raw range (the plan's input fingerprint)
 
 
 def auto_chunk_bytes(inputs: list[dict]) -> int:
@@ -68,8 +75,7 @@ def describe_input(path: Path, text_key: str) -> dict:
     try:
         st = os.stat(path)
         info.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
-        with open(path, "rb"):
-            pass
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # never blocks (a FIFO put in its place)
         if kind == "parquet":
             info["row_groups"] = parquet_row_groups(path, text_key)
     except InputError:
@@ -115,3 +121,23 @@ def plan_chunks(inputs: list[dict], chunk_bytes: int, max_compressed_chunks: int
             chunks.append(Chunk(f"{i:05d}-{k:05d}", i, k, inp["path"], inp["format"], comp,
                                 start, end, raw[0], raw[1], max(est_k, 0)))
     return chunks
+
+
+def edges_sha256(chunks: list[Chunk]) -> dict[str, str]:
+    """Per input path: sha256 of the first and last EDGE_BYTES of each of its chunks' raw ranges."""
+    out: dict[str, str] = {}
+    by_path: dict[str, list[Chunk]] = {}
+    for c in chunks:
+        by_path.setdefault(c.path, []).append(c)
+    for path, cs in by_path.items():
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for c in cs:
+                    for at in sorted({c.raw_start, max(c.raw_start, c.raw_end - EDGE_BYTES)}):
+                        f.seek(at)
+                        h.update(f.read(min(EDGE_BYTES, c.raw_end - at)))
+        except OSError:  # gone since it was described: its chunks report it as unreadable
+            continue
+        out[path] = h.hexdigest()
+    return out

@@ -3,9 +3,11 @@
     python data_prep/preprocess.py --input PATH [PATH ...] --tokenizer MODEL --output-dir DIR \
         [--workers N] [--launcher local|slurm] [--encoder auto] [--valid-tokens N] [--strict]
 
-Inputs: files, directories or globs of .jsonl, .txt (documents separated by blank lines), each
-optionally .gz/.xz/.zst/.bz2, .json.gz & co., and .parquet. Output: DIR/merged/*.{bin,idx} and
-DIR/manifest.json. Run it again with the same arguments after an interruption: completed chunks are kept.
+Inputs: files, directories or globs of .jsonl (.ndjson), .txt (documents separated by blank
+lines), each optionally .gz/.xz/.zst/.bz2, .json.gz & co., and .parquet; files a directory holds
+but that are not read are listed with the reason. Output: DIR/merged/*.{bin,idx} and
+DIR/manifest.json. Run it again with the same arguments after an interruption (Ctrl-C, kill -9, a
+full disk): completed chunks are kept.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from data_prep.pipeline import DiskFullError, RefusedError, preprocess
+from data_prep.pipeline import DiskFullError, EmptyValidError, RefusedError, preprocess
 from data_prep.progress import HelpFormatter, print_summary
 from data_prep.readers import InputError
 from data_prep.settings import ENCODERS, LAUNCHERS, SettingsError
@@ -36,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
                          "else sentencepiece; the output is the same either way")
     ap.add_argument("--text-key", default="text", help="JSON key or Parquet column holding the text")
     valid = ap.add_mutually_exclusive_group()
-    valid.add_argument("--valid-fraction", type=float, default=0.001, help="share of documents in the valid split")
+    valid.add_argument("--valid-fraction", type=float, default=0.001,
+                       help="share of documents in the valid split (an empty valid split fails the run; 0: none)")
     valid.add_argument("--valid-tokens", type=int, default=None,
                        help="target size of the valid split in tokens (instead of --valid-fraction)")
     ap.add_argument("--eval-length", type=int, default=8192,
@@ -47,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
                     help="uncompressed MiB per chunk (task) (default: total / 16384, within [4, 256])")
     ap.add_argument("--max-compressed-chunks", type=int, default=16,
                     help="chunks per compressed file at most (each decompresses from the start)")
-    ap.add_argument("--max-doc-mb", type=float, default=16.0, help="longer documents are rejected (too_long)")
+    ap.add_argument("--max-doc-mb", type=float, default=16.0,
+                    help="longer documents (lines) are rejected as too_long (bounds memory, even for a "
+                         "decompression bomb)")
     ap.add_argument("--merge-mb", type=float, default=8192.0,
                     help="merge chunk shards into shards of ~this many MiB per split; 0: no merge")
     ap.add_argument("--keep-chunk-shards", action="store_true",
@@ -78,8 +83,13 @@ def main(argv=None) -> int:
     except (RefusedError, InputError, SettingsError) as e:
         print(f"preprocess: refused: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the workers ignore SIGINT; the running chunks end, the rest never start
+        print("preprocess: interrupted: completed chunks are kept: run the same command again to resume",
+              file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 - strict errors, failed tasks, full disk: say what, not a traceback
-        if isinstance(e, DiskFullError) or type(e).__name__ in ("StrictError", "TaskFailedError", "WorkerDiedError"):
+        if isinstance(e, (DiskFullError, EmptyValidError)) or \
+                type(e).__name__ in ("StrictError", "TaskFailedError", "WorkerDiedError"):
             print(f"preprocess: failed: {e}", file=sys.stderr)
             return 1
         raise

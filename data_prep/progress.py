@@ -85,6 +85,10 @@ def print_summary(manifest: dict, console: Console | None = None) -> None:
         for reason, v in manifest["rejected"].items():  # plain lines: paths stay whole and greppable
             for ex in v["examples"][:3]:
                 print(f"  {reason}: {ex['file']}:{ex['line']}: {ex['detail'][:120]}")
+    if skipped := manifest.get("skipped_inputs"):
+        print(f"{len(skipped)} file(s) found but not read (`skipped_inputs` in manifest.json):")
+        for x in skipped:
+            print(f"  skipped: {x['file']}: {x['reason']}")
     enc = manifest.get("encoder") or {}
     if enc.get("fallback"):
         console.print(f"encoder: sentencepiece ({enc['requested']} requested; fastokens not used: {enc['fallback']})",

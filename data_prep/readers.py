@@ -1,10 +1,13 @@
 """Input formats: find input files, open them (decompressed, streamed), and read the documents
 of one chunk with bad input classified, not raised.
 
-Formats: `.jsonl` (one JSON object per line, text under `text_key`), `.txt` (documents separated
-by blank lines, the CC-100 layout; CRLF line ends read as LF), each plain or compressed `.gz`,
-`.xz`, `.zst` or `.bz2`; `.json.gz` & co. (JSON lines under Dolma's name; a plain `.json` is not
-taken, it is usually one JSON document); `.parquet` (text in column `text_key`, e.g. FineWeb).
+Formats: `.jsonl` or `.ndjson` (one JSON object per line, text under `text_key`), `.txt`
+(documents separated by blank lines, the CC-100 layout; CRLF and CR-only line ends read as LF),
+each plain or compressed `.gz`, `.xz`, `.zst` or `.bz2`; `.json.gz` & co. (JSON lines under
+Dolma's name; a plain `.json` is not taken, it is usually one JSON document); `.parquet` (text in
+column `text_key`, e.g. FineWeb). Extensions match in any case (`B.JSONL`, `x.jsonl.GZ`); a
+UTF-8 byte order mark at the start of a file is dropped. Only regular files are read: a
+directory or glob lists every file it does not take, with the reason (`expand_inputs`).
 
 Chunk ownership: a text chunk is a range [start, end) of uncompressed byte offsets and owns
 every record whose first byte lies in it, so any set of split points covers each record exactly
@@ -12,11 +15,17 @@ once. A chunk seeks (plain) or decompresses and discards (compressed) up to a li
 `start`, re-synchronizes on a line boundary (.txt: also on a blank line, looking back at most
 LOOKBACK bytes), and reads past `end` only to finish its last record. Lines are read with a
 length limit, so memory stays bounded whatever the size of a line or a document (longer ones
-are rejected as `too_long`, with their real size). A Parquet chunk is a range of row groups,
-read a batch of rows at a time with pyarrow (only the text column, never the whole file).
+are rejected as `too_long`, with their real size), and one decompression step yields at most
+STEP_OUT bytes, so a decompression bomb costs time, never memory. A Parquet chunk is a range of
+row groups, read a batch of rows at a time with pyarrow (only the text column, never the whole
+file); a row group that does not decode (a damaged page) is one `corrupt_row_group` record, and
+the chunk goes on with the next group.
 
 A compressed stream that ends early (a truncated download) gives every document that was
 decompressed completely before the cut, then one `truncated_stream` record at the line of the cut.
+A stream whose data is damaged gives one `corrupt_stream` record where the decompressor noticed;
+the documents decoded before that point are kept, but may be garbled: gzip checks its CRC only at
+the end of a member, xz and bz2 at the end of a block (the coordinator warns about such files).
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import io
 import json
 import lzma
 import os
+import re
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +46,19 @@ from typing import Iterator
 
 import zstandard
 
-KINDS = {"jsonl": "jsonl", "json": "jsonl", "txt": "txt", "parquet": "parquet"}
+KINDS = {"jsonl": "jsonl", "ndjson": "jsonl", "json": "jsonl", "txt": "txt", "parquet": "parquet"}
 COMPRESSIONS = ("gz", "xz", "zst", "bz2")
 LOOKBACK = 1 << 20  # .txt: bytes looked back to learn whether the chunk starts mid-document
 PARQUET_BATCH_ROWS = 256  # rows decoded at a time: memory ~ 256 documents + one page
+STEP_OUT = 1 << 20  # bytes one decompression step yields at most (gz, xz, bz2: exactly)
+ZSTD_FEED = 512  # zstd has no output limit: feed it this little (its ratio is at most ~32768: 16 MiB)
+BOM = b"\xef\xbb\xbf"
 
 # Reasons a record is rejected (manifest keys).
 BAD_JSON, MISSING_TEXT, NON_STRING_TEXT = "malformed_json", "missing_text", "non_string_text"
 INVALID_UTF8, EMPTY, TOO_LONG = "invalid_utf8", "empty_document", "too_long"
 TRUNCATED, UNREADABLE = "truncated_stream", "unreadable_file"
+CORRUPT_STREAM, CORRUPT_ROW_GROUP = "corrupt_stream", "corrupt_row_group"
 
 
 class InputError(ValueError):
@@ -51,27 +66,44 @@ class InputError(ValueError):
 
 
 class StreamError(Exception):
-    """A compressed stream that is truncated or corrupt (after everything before it was read)."""
+    """A compressed stream that is corrupt (raised after everything before it was read)."""
+
+
+class TruncatedStream(StreamError):
+    """A compressed stream that ends before its end marker."""
 
 
 def detect_format(path: str | Path) -> tuple[str, str | None]:
     """('jsonl'|'txt'|'parquet', None|'gz'|'xz'|'zst'|'bz2') from the file name, e.g. a.jsonl.zst."""
-    parts = Path(path).name.split(".")
+    parts = Path(path).name.lower().split(".")
     comp = parts[-1] if parts[-1] in COMPRESSIONS else None
     ext = parts[-2] if comp and len(parts) > 2 else parts[-1]
     kind = KINDS.get(ext) if len(parts) >= 2 else None
     if kind is None or (ext == "json" and comp is None) or (kind == "parquet" and comp):
-        raise InputError(f"{path}: unknown input format; expected .jsonl, .txt (each optionally "
+        raise InputError(f"{path}: unknown input format; expected .jsonl, .ndjson, .txt (each optionally "
                          f".gz, .xz, .zst or .bz2), .json.gz (or .xz, .zst, .bz2) or .parquet")
     return kind, comp
 
 
-def _supported(path: str) -> bool:
+def _file_type(mode: int) -> str:
+    return next((name for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                                         (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                                         (stat.S_ISBLK, "a block device")) if test(mode)), "not a regular file")
+
+
+def skip_reason(path: str) -> str | None:
+    """Why a file found in a directory or by a glob is not read (None: it is an input). A FIFO
+    or device is never opened: reading one would block, or never end."""
     try:
         detect_format(path)
-        return os.path.isfile(path)
     except InputError:
-        return False
+        return "not an input format (.jsonl, .ndjson, .txt, each optionally .gz/.xz/.zst/.bz2, " \
+               ".json.gz & co., .parquet)"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return f"cannot be read: {e.strerror}"
+    return None if stat.S_ISREG(mode) else f"{_file_type(mode)}, not a regular file"
 
 
 def _file_key(path: str) -> tuple:
@@ -120,23 +152,39 @@ def _glob(spec: str) -> list[str]:
     return [p for p in _walk(root) if _match(os.path.relpath(p, root).split(os.sep), parts[k:])]
 
 
-def expand_inputs(specs: list[str | Path]) -> list[Path]:
+def _found(paths: list[str], skipped: list[dict]) -> list[str]:
+    """The inputs among files found by a directory walk or a glob; the rest go to `skipped`."""
+    out = []
+    for p in paths:
+        if (reason := skip_reason(p)) is None:
+            out.append(p)
+        else:
+            skipped.append({"file": os.path.abspath(p), "reason": reason})
+    return out
+
+
+def expand_inputs(specs: list[str | Path], skipped: list[dict] | None = None) -> list[Path]:
     """Files, directories (recursively: supported files inside) and globs -> absolute paths,
     in argument order, each group sorted. A file reached twice (a symlink, a hard link, a
-    directory given twice) is kept once, under the first path that reached it."""
+    directory given twice) is kept once, under the first path that reached it. Files a
+    directory or glob holds but that are not read are appended to `skipped` as
+    {"file", "reason"}; a named file that is not a regular file is refused."""
     out: list[Path] = []
     seen: set[tuple] = set()
+    skipped = [] if skipped is None else skipped
     for spec in map(str, specs):
         if any(c in spec for c in "*?["):
-            found = [p for p in _glob(spec) if _supported(p)]
+            found = _found(_glob(spec), skipped)
             if not found:
                 raise InputError(f"--input {spec}: the pattern matches no input file (.jsonl, .txt, .parquet, ...)")
         elif os.path.isdir(spec):
-            found = [p for p in _walk(spec) if _supported(p)]
+            found = _found(list(_walk(spec)), skipped)
             if not found:
                 raise InputError(f"--input {spec}: the directory holds no input file (.jsonl, .txt, .parquet, ...)")
         elif os.path.lexists(spec):
             detect_format(spec)
+            if os.path.exists(spec) and not stat.S_ISREG(mode := os.stat(spec).st_mode):
+                raise InputError(f"--input {spec} is {_file_type(mode)}, not a regular file: pass a file")
             found = [spec]
         else:
             raise InputError(f"--input {spec}: no such file or directory")
@@ -173,37 +221,70 @@ class _Decompressed(io.RawIOBase):
 
     Unlike gzip.open and co. behind a buffered reader (which drop up to a buffer of good data
     when the input ends mid-stream), every byte decompressed before a cut is returned first;
-    only then does a truncated or corrupt stream raise StreamError. Input is fed 64 KiB at a
-    time, so the output of one step is bounded by the compression ratio."""
+    only then does a truncated or corrupt stream raise StreamError. One step yields at most
+    STEP_OUT bytes (zstd, which has no output limit: ZSTD_FEED input bytes), so memory stays
+    bounded whatever the compression ratio (a decompression bomb)."""
 
     _NEW = {"gz": lambda: zlib.decompressobj(wbits=31), "xz": lzma.LZMADecompressor,
             "bz2": bz2.BZ2Decompressor, "zst": lambda: zstandard.ZstdDecompressor().decompressobj()}
 
     def __init__(self, raw, compression: str):
         self._raw, self._new, self._comp = raw, self._NEW[compression], compression
-        self._buf, self._dec = b"", None  # _dec: the decompressor of the member being read, if any
+        self._buf, self._at = b"", 0  # the last step's output, and how much of it was returned
+        self._input = b""  # raw bytes read but not yet given to a decompressor
+        self._dec = None  # the decompressor of the member being read, if any
+        self._held = False  # the decompressor may hold output: the next step feeds it nothing
+        self._error: StreamError | None = None  # raised once the bytes before it are returned
 
     def readable(self) -> bool:
         return True
 
+    def _step(self) -> bytes | None:
+        """The next decompressed bytes (at most STEP_OUT, maybe none); None at the end of the input."""
+        if self._held:
+            data = b""
+        else:
+            if not self._input:
+                self._input = self._raw.read(1 << 16)
+                if not self._input:
+                    if self._dec is not None:
+                        raise TruncatedStream(f"the {self._comp} stream ends before its end marker (truncated file?)")
+                    return None
+            feed = ZSTD_FEED if self._comp == "zst" else len(self._input)
+            data, self._input = self._input[:feed], self._input[feed:]
+        self._dec = self._dec or self._new()
+        try:
+            out = self._dec.decompress(data) if self._comp == "zst" else self._dec.decompress(data, STEP_OUT)
+        except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as e:
+            raise StreamError(f"corrupt {self._comp} data: {e}") from e
+        if self._comp == "gz":  # zlib hands back the input it did not use
+            self._input = self._dec.unconsumed_tail + self._input
+            self._held = len(out) == STEP_OUT
+        elif self._comp != "zst":
+            self._held = not self._dec.needs_input and not self._dec.eof
+        if self._dec.eof:  # member/frame complete: the rest of the input starts the next one
+            self._input, self._dec, self._held = self._dec.unused_data + self._input, None, False
+        return out
+
     def readinto(self, b) -> int:
-        while not self._buf:
-            data = self._raw.read(1 << 16)
-            if not data:
-                if self._dec is not None:
-                    raise StreamError(f"the {self._comp} stream ends before its end marker (truncated file?)")
-                return 0
-            while data:
-                self._dec = self._dec or self._new()
+        """Fill `b` from as many steps as it takes (zstd's are small); an error is raised only
+        once everything decompressed before it was returned."""
+        n = 0
+        while n < len(b) and self._error is None:
+            if self._at == len(self._buf):
                 try:
-                    self._buf += self._dec.decompress(data)
-                except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as e:
-                    raise StreamError(f"corrupt {self._comp} data: {e}") from e
-                data = b""
-                if self._dec.eof:  # member/frame complete: the rest of the input starts the next one
-                    data, self._dec = self._dec.unused_data, None
-        n = min(len(b), len(self._buf))
-        b[:n], self._buf = self._buf[:n], self._buf[n:]
+                    out = self._step()
+                except StreamError as e:
+                    self._error = e
+                    break
+                if out is None:
+                    break
+                self._buf, self._at = out, 0
+            k = min(len(b) - n, len(self._buf) - self._at)
+            b[n:n + k] = memoryview(self._buf)[self._at:self._at + k]
+            n, self._at = n + k, self._at + k
+        if n == 0 and self._error is not None:
+            raise self._error
         return n
 
     def close(self) -> None:
@@ -211,10 +292,50 @@ class _Decompressed(io.RawIOBase):
         super().close()
 
 
-def open_stream(path: str | Path, compression: str | None):
-    """A buffered binary stream of the decompressed bytes."""
+class _CrToLf(io.RawIOBase):
+    """A byte stream with every CR not followed by LF read as LF (.txt: CR-only line ends, as
+    classic Mac OS wrote them). Same length, so byte offsets are those of the file."""
+
+    def __init__(self, src):
+        self._src, self._next = src, b""  # _next: the byte read ahead to classify a final CR
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._src.seekable()
+
+    def tell(self) -> int:
+        return self._src.tell() - len(self._next)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        pos = pos + self.tell() if whence == io.SEEK_CUR else pos
+        self._src.seek(pos, whence if whence == io.SEEK_END else io.SEEK_SET)
+        self._next = b""
+        return self.tell()
+
+    def readinto(self, b) -> int:
+        data = self._next + self._src.read(max(len(b) - len(self._next), 1))
+        self._next = self._src.read(1) if data.endswith(b"\r") else b""
+        crlf = self._next == b"\n"
+        out = _LONE_CR.sub(b"\n", data[:-1] if crlf else data) + (b"\r" if crlf else b"")
+        b[:len(out)] = out
+        return len(out)
+
+    def close(self) -> None:
+        self._src.close()
+        super().close()
+
+
+_LONE_CR = re.compile(rb"\r(?!\n)")
+
+
+def open_stream(path: str | Path, compression: str | None, kind: str = "jsonl"):
+    """A buffered binary stream of the decompressed bytes (.txt: lone CRs read as LF)."""
     raw = open(path, "rb", buffering=1 << 20)
-    return raw if compression is None else io.BufferedReader(_Decompressed(raw, compression), 1 << 20)
+    if compression is not None:
+        raw = io.BufferedReader(_Decompressed(raw, compression), 1 << 20)
+    return io.BufferedReader(_CrToLf(raw), 1 << 20) if kind == "txt" else raw
 
 
 @dataclass
@@ -268,6 +389,8 @@ class ChunkReader:
                     if more.endswith(b"\n"):
                         break
             pos = self.pos = start + size
+            if start == 0 and line.startswith(BOM):  # a byte order mark is not text
+                line = line[len(BOM):]
             if self.start <= start < self.end:
                 self.lines += 1
             yield start, line, size
@@ -279,7 +402,7 @@ class ChunkReader:
         lookback = 1 if self.kind == "jsonl" else LOOKBACK
         begin = max(0, self.start - lookback)
         try:
-            f = open_stream(self.path, self.compression)
+            f = open_stream(self.path, self.compression, self.kind)
         except OSError as e:
             if self.start == 0:
                 yield Record(0, 0, bad=UNREADABLE, detail=str(e))
@@ -304,9 +427,14 @@ class ChunkReader:
                     yield from self._txt(lines, at_doc_start=begin == 0)
             except StreamError as e:
                 # self.pos: the first byte not in a complete line; the chunk owning it reports
-                if self.start <= self.pos < self.end:
+                if self.start <= self.pos < self.end and isinstance(e, TruncatedStream):
                     yield Record(self.lines + 1, self.pos, bad=TRUNCATED,
                                  detail=f"{e}; the documents before this line were kept")
+                elif self.start <= self.pos < self.end:
+                    yield Record(self.lines + 1, self.pos, bad=CORRUPT_STREAM,
+                                 detail=f"{e}; the documents decoded before this line were kept but may be "
+                                        f"damaged ({self.compression} checks its checksum only at the end of a "
+                                        f"member or block): test the file and download it again")
             except OSError as e:
                 yield Record(self.lines, self.start, bad=UNREADABLE, detail=str(e))
 
@@ -393,23 +521,34 @@ class ChunkReader:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        try:
-            pf = pq.ParquetFile(self.path, buffer_size=1 << 20)  # buffered: pages stream in
-            groups = list(range(int(self.start), int(min(self.end, pf.num_row_groups))))
-            batches = pf.iter_batches(PARQUET_BATCH_ROWS, row_groups=groups, columns=[self.text_key],
-                                      use_threads=False)
-            for batch in batches:
-                # large_binary: the raw UTF-8 bytes (zero-copy), decoded and checked per row below
-                for data in batch.column(0).cast(pa.large_binary()).to_pylist():
-                    self.lines += 1
-                    n = self.lines
-                    if data is None:
-                        yield Record(n, n, bad=MISSING_TEXT, detail=f"{self.text_key!r} is null")
-                        continue
-                    self._text_bytes += len(data)
-                    if len(data) > self.max_doc_bytes:
-                        yield Record(n, n, bad=TOO_LONG, detail=self._too_long(len(data)))
-                        continue
-                    yield self._document(n, n, data)
+        try:  # page checksums, where the writer stored them, are verified
+            pf = pq.ParquetFile(self.path, buffer_size=1 << 20, page_checksum_verification=True)
         except (OSError, pa.ArrowException) as e:
             yield Record(self.lines + 1, self.lines + 1, bad=UNREADABLE, detail=f"{type(e).__name__}: {e}")
+            return
+        for g in range(int(self.start), int(min(self.end, pf.num_row_groups))):
+            first, rows = self.lines, pf.metadata.row_group(g).num_rows
+            try:
+                yield from self._row_group(pf, g)
+            except (OSError, pa.ArrowException) as e:  # a damaged page: skip the rest of this group
+                yield Record(self.lines + 1, self.lines + 1, bad=CORRUPT_ROW_GROUP,
+                             detail=f"row group {g} (rows {first + 1}-{first + rows} of the chunk; those before "
+                                    f"this one were kept): {type(e).__name__}: {e}")
+                self.lines = first + rows
+
+    def _row_group(self, pf, g: int) -> Iterator[Record]:
+        import pyarrow as pa
+
+        for batch in pf.iter_batches(PARQUET_BATCH_ROWS, row_groups=[g], columns=[self.text_key], use_threads=False):
+            # large_binary: the raw UTF-8 bytes (zero-copy), decoded and checked per row below
+            for data in batch.column(0).cast(pa.large_binary()).to_pylist():
+                self.lines += 1
+                n = self.lines
+                if data is None:
+                    yield Record(n, n, bad=MISSING_TEXT, detail=f"{self.text_key!r} is null")
+                    continue
+                self._text_bytes += len(data)
+                if len(data) > self.max_doc_bytes:
+                    yield Record(n, n, bad=TOO_LONG, detail=self._too_long(len(data)))
+                    continue
+                yield self._document(n, n, data)

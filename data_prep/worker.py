@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.encoders import SPOT_CHECK, first_difference
-from data_prep.manifest import MAX_EXAMPLES, SPLITS, OutputDir, read_json, tmp_name, write_json_atomic
+from data_prep.manifest import MAX_EXAMPLES, SPLITS, OutputDir, fresh_tmp, read_json, tmp_name, write_json_atomic
 from data_prep.plan import Chunk
 from data_prep.readers import ChunkReader
 from data_prep.settings import PrepSettings
@@ -31,6 +31,9 @@ from data_prep.tokenizer import Tokenizer
 __all__ = ["SPLITS", "StrictError", "indexed_dataset", "load_done", "load_tokenizer", "run_chunk", "token_dtype"]
 
 log = logging.getLogger("data_prep")
+
+
+SMALLEST_KEYS = 4  # split keys kept per chunk: an empty valid split's fix puts this many documents in valid
 
 
 class StrictError(RuntimeError):
@@ -130,10 +133,11 @@ def _tokenize(chunk: Chunk, s: PrepSettings, plan_id: str, encoder: str, progres
     reader = ChunkReader(chunk.path, chunk.kind, chunk.compression, chunk.start, chunk.end,
                          s.text_key, s.max_doc_bytes)
     batch, batch_size, last = [], 0, 0
+    smallest: list[int] = []  # the chunk's SMALLEST_KEYS smallest split keys (a valid split that came out empty)
 
     def add(split: str, doc: np.ndarray) -> None:
         if split not in builders:
-            builders[split] = indexed_dataset().IndexedDatasetBuilder(tmp_name(f"{stems[split]}.bin"), dtype=dtype)
+            builders[split] = indexed_dataset().IndexedDatasetBuilder(fresh_tmp(f"{stems[split]}.bin"), dtype=dtype)
         builders[split].add_document(doc, [len(doc)])
         stats[split]["documents"] += 1
         stats[split]["tokens"] += len(doc)
@@ -154,6 +158,8 @@ def _tokenize(chunk: Chunk, s: PrepSettings, plan_id: str, encoder: str, progres
             doc[-1] = tok.eod
             add("valid" if key < threshold else "train", doc)
             tokens += len(doc)
+            smallest.append(key)
+        smallest[:] = sorted(smallest)[:SMALLEST_KEYS]
         if progress is not None:
             progress(reader.consumed - last, tokens)
             last = reader.consumed
@@ -176,7 +182,7 @@ def _tokenize(chunk: Chunk, s: PrepSettings, plan_id: str, encoder: str, progres
                 flush()
         flush()
         for split, b in builders.items():
-            b.finalize(tmp_name(f"{stems[split]}.idx"))
+            b.finalize(fresh_tmp(f"{stems[split]}.idx"))
             for ext in ("bin", "idx"):
                 os.replace(tmp_name(f"{stems[split]}.{ext}"), f"{stems[split]}.{ext}")
     except BaseException:
@@ -191,7 +197,7 @@ def _tokenize(chunk: Chunk, s: PrepSettings, plan_id: str, encoder: str, progres
             for ext in ("bin", "idx"):
                 Path(f"{stems[split]}.{ext}").unlink(missing_ok=True)
     result = {"id": chunk.id, "plan": plan_id, "encoder": tok.encoder, "splits": {},
-              "rejected": rejected, "lines": reader.lines, "bytes": reader.consumed,
+              "rejected": rejected, "lines": reader.lines, "bytes": reader.consumed, "smallest_keys": smallest,
               "raw_sha256": _hash_raw(chunk.path, chunk.raw_start, chunk.raw_end),
               "elapsed_s": round(time.time() - t0, 3), "resumed": False}
     for split in SPLITS:

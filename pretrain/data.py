@@ -79,6 +79,12 @@ def load_data(cfg: Config) -> TrainingData:
             errors.append(f"{root} has {train_tokens} training tokens, fewer than one sequence of "
                           f"seq_length={cfg.model.seq_length}: use more data or a shorter L")
         errors += _shard_file_errors(source)
+    if cfg.validation.interval and sources and \
+            (valid := sources[0].manifest["splits"]["valid"]["tokens"]) <= cfg.model.seq_length:
+        errors.append(f"{sources[0].path} has {valid} valid tokens, fewer than one validation window of "
+                      f"seq_length+1={cfg.model.seq_length + 1}: preprocess into a new --output-dir with "
+                      f"--valid-tokens {4 * (cfg.model.seq_length + 1)} (or a larger --valid-fraction), or set "
+                      f"validation.interval=0")
     tokenizers = {str(s.path): s.manifest["tokenizer"] for s in sources}
     if len({t["sha256"] for t in tokenizers.values()}) > 1:
         listing = ", ".join(f"{d}: {t['path']} ({t['sha256'][:12]})" for d, t in tokenizers.items())
@@ -170,6 +176,9 @@ class BatchReader:
         out = []
         for m in range(0, per_rank, mb):
             samples = [self.dataset[i] for i in range(start + m, start + m + mb)]
+            for i, s in enumerate(samples):
+                _check_ids(s["tokens"], self.dataset, s, start + m + i)
+                _check_ids(s["labels"], self.dataset, s, start + m + i)
             out.append({
                 "tokens": torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long(),  # [b, s]
                 "labels": torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long(),  # [b, s]
@@ -177,6 +186,27 @@ class BatchReader:
                 "position_ids": torch.stack([torch.as_tensor(s["position_ids"]) for s in samples]).long(),
             })
         return out
+
+
+def _check_ids(ids, dataset, sample: dict, index: int) -> None:
+    """Token ids must be below the data's vocabulary: a shard changed in place at the same size
+    (which the preflight size check cannot see) would else crash the embedding lookup, or train
+    on wrong ids. Costs one max() per sample."""
+    vocab = dataset.config.tokenizer.vocab_size
+    if (top := int(ids.max())) >= vocab:
+        part = dataset.datasets[sample["dataset_id"]] if "dataset_id" in sample else dataset  # blended or one prefix
+        raise _damaged(part.dataset.path_prefix, top, vocab, f"sample {index}")
+
+
+def _damaged(prefix: str, top: int, vocab: int, where: str):
+    from pretrain.loop import TrainingError  # here: loop imports this module
+
+    class DamagedShardError(TrainingError, ValueError):
+        """train.py reports a TrainingError in one line, the evaluation tool a ValueError."""
+
+    return DamagedShardError(f"{prefix}.bin holds token id {top} ({where}), but the data's vocabulary has {vocab} ids: "
+                         f"the shard is damaged. Run the same preprocess command on its directory again (it checks "
+                         f"each merged shard's sha256 and redoes damaged ones), or copy the data again")
 
 
 def split_tokens(data_dir: str | Path, split: str = "valid", max_tokens: int | None = None,
@@ -194,6 +224,8 @@ def split_tokens(data_dir: str | Path, split: str = "valid", max_tokens: int | N
         ds = IndexedDataset(prefix, mmap=True)
         for i in range(len(ds)):
             chunks.append(np.asarray(ds[i], dtype=np.int64))
+            if chunks[-1].size and (top := int(chunks[-1].max())) >= manifest["tokenizer"]["vocab_size"]:
+                raise _damaged(prefix, top, manifest["tokenizer"]["vocab_size"], f"document {i}")
             n += chunks[-1].size
             if max_tokens is not None and n >= max_tokens:
                 return torch.from_numpy(np.concatenate(chunks)[:max_tokens])

@@ -75,7 +75,7 @@ def test_strict_makes_bad_input_an_error(tmp_path, tokenizer_model):
     with pytest.raises(StrictError, match="malformed_json"):
         preprocess(inputs[:1], tokenizer_model, tmp_path / "out", workers=1, strict=True, quiet=True)
     cli = [sys.executable, "data_prep/preprocess.py", "--input", str(inputs[1]), "--tokenizer",
-           str(tokenizer_model), "--output-dir", str(tmp_path / "out2"), "--quiet"]
+           str(tokenizer_model), "--output-dir", str(tmp_path / "out2"), "--valid-fraction", "0", "--quiet"]
     repo = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
     r = subprocess.run(cli, capture_output=True, text=True, cwd=repo)
     assert r.returncode == 0 and "invalid_utf8" in r.stdout and "mixed.txt:3" in r.stdout  # summary table

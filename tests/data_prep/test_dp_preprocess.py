@@ -3,6 +3,7 @@ SentencePiece encode of every document; determinism across worker counts and lau
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import numpy as np
@@ -140,9 +141,13 @@ def test_valid_tokens_sizes_the_split_and_a_small_split_is_warned_about(corpus, 
     total = m["splits"]["train"]["tokens"] + m["splits"]["valid"]["tokens"]
     assert 20_000 < m["splits"]["valid"]["tokens"] < 80_000 and m["warnings"] == []
     assert m["settings"]["valid_tokens"] == 40_000 and 0.5 < m["settings"]["valid_fraction"] * total / 40_000 < 2
-    m = preprocess(corpus, tokenizer_model, tmp_path / "b", workers=1, valid_fraction=0.01, eval_length=2048,
-                   quiet=True)
+    # the fraction that puts exactly one document (the one of smallest split key) into valid
+    keys = sorted(int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
+                  for p in corpus for t in reference_docs(p))
+    m = preprocess(corpus, tokenizer_model, tmp_path / "b", workers=1, valid_fraction=(keys[0] + keys[1]) / 2 ** 65,
+                   eval_length=2048, quiet=True)
     valid = m["splits"]["valid"]["tokens"]
+    assert m["splits"]["valid"]["documents"] == 1
     assert valid < 4 * 2048 and len(m["warnings"]) == 1
     assert f"the valid split has {valid:,} tokens" in m["warnings"][0] and "--valid-tokens 16384" in m["warnings"][0]
     assert m["warnings"][0] in caplog.text  # logged at the end of the run

@@ -34,11 +34,11 @@ def test_refusals(corpus, tokenizer_model, tmp_path):
     with pytest.raises(RefusedError, match="cannot write to output directory"):
         preprocess(corpus, tokenizer_model, blocker / "out", quiet=True)
     out = tmp_path / "o2"
-    preprocess(corpus[:1], tokenizer_model, out, workers=1, quiet=True)
+    preprocess(corpus[:1], tokenizer_model, out, workers=1, valid_fraction=0.0, quiet=True)
     other = train_tokenizer(corpus[:1], 1024, tmp_path / "other", sample_mb=0.2)
     before = shard_bytes(out)
     with pytest.raises(RefusedError, match="another tokenizer"):
-        preprocess(corpus[:1], other, out, quiet=True)
+        preprocess(corpus[:1], other, out, valid_fraction=0.0, quiet=True)
     with pytest.raises(RefusedError, match="different settings"):
         preprocess(corpus[:1], tokenizer_model, out, valid_fraction=0.5, quiet=True)
     assert shard_bytes(out) == before  # nothing touched
@@ -98,7 +98,8 @@ def test_kill_9_then_resume_is_byte_identical(corpus, tokenizer_model, tmp_path)
 def test_a_second_run_on_the_same_directory_is_refused(corpus, tokenizer_model, tmp_path):
     big = big_input(corpus, tmp_path / "big.jsonl", 10)
     cli = [sys.executable, "data_prep/preprocess.py", "--input", str(big), "--tokenizer", str(tokenizer_model),
-           "--output-dir", str(tmp_path / "out"), "--workers", "1", "--encoder", "sentencepiece", "--quiet"]
+           "--output-dir", str(tmp_path / "out"), "--workers", "1", "--encoder", "sentencepiece", "--valid-fraction",
+           "0", "--quiet"]
     first = subprocess.Popen(cli, cwd=REPO, stderr=subprocess.PIPE, text=True)
     lock, deadline = tmp_path / "out" / ".work" / "lock", time.time() + 60
     while not (lock.exists() and lock.read_text()) and time.time() < deadline and first.poll() is None:
@@ -109,7 +110,8 @@ def test_a_second_run_on_the_same_directory_is_refused(corpus, tokenizer_model, 
     assert f"in use by another preprocess run (pid {first.pid} on" in second.stderr
     assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
     assert first.wait() == 0, first.stderr.read()
-    assert preprocess([big], tokenizer_model, tmp_path / "out", workers=1, quiet=True)["run"]["bytes"] == 0
+    assert preprocess([big], tokenizer_model, tmp_path / "out", workers=1, valid_fraction=0.0,
+                      quiet=True)["run"]["bytes"] == 0
 
 
 def test_torn_state_files_are_redone_not_trusted(corpus, tokenizer_model, tmp_path):
