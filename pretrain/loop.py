@@ -180,6 +180,8 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
         history = rundir.write_config(run_dir, to_dict(cfg), step)
         if resumed is not None:
             print(f"resumed from {resumed[0]} at step {step}", flush=True)
+            if changes.layout:
+                print(f"  layout change: {changes.layout} (model and optimizer state resharded)", flush=True)
             for line in changes.accepted:
                 print(f"  config change: {line}", flush=True)
         if history is not None and step > 0:
