@@ -497,8 +497,7 @@ def resume(trainer, found: Found | None) -> tuple[Path, dict] | None:
         trainer.engine.checkpoint_engine.load = _safe_torch_load  # DeepSpeed's torch.load(weights_only=False)
         trainer.engine.load_checkpoint(str(ckpt), tag="ds", load_optimizer_states=True,
                                        load_lr_scheduler_states=False)
-    if reshard.describe(meta["layout"], meta["config"]) == reshard.describe(reshard.layout_record(trainer.layout,
-                                                                                                  trainer.cfg)):
+    if not reshard.layout_change(meta, trainer.cfg, trainer.layout)[0]:
         _set_rng_state(_read_rng(ckpt / "rng" / f"rank{rank:05d}.safetensors"))
     else:  # each rank's streams belong to a rank of the old layout: fresh ones, not step 0's again
         seed_rng(trainer.cfg.train.seed + meta["step"])

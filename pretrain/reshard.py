@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config, from_dict
 from pretrain.parallel import Layout
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
@@ -52,13 +52,15 @@ def layout_record(layout: Layout, cfg: Config) -> dict[str, int]:
             "micro_batch_size": cfg.train.micro_batch_size}
 
 
-def describe(record: dict, config: dict | None = None) -> str:
-    """`world 2 = tp 1 x pp 1 x dp 2, ZeRO-1, micro-batch 2` for a layout record (older records
-    lack dp and the micro-batch: taken from the world size and the checkpoint's config)."""
-    tp, pp, world = record["tensor_parallel"], record["pipeline_parallel"], record["world_size"]
-    micro = record.get("micro_batch_size", (config or {}).get("train", {}).get("micro_batch_size", "?"))
-    return (f"world {world} = tp {tp} x pp {pp} x dp {record.get('data_parallel', world // (tp * pp))}, "
-            f"ZeRO-{record['zero_stage']}, micro-batch {micro}")
+def describe(record: dict, config: dict) -> str:
+    """`world 2 = tp 1 x pp 1 x dp 2, ZeRO-1, micro-batch 2` for a layout record and the config of
+    its run (records written before elastic resume lack dp and the micro-batch)."""
+    if "data_parallel" not in record:
+        cfg = from_dict(Config, config)
+        record = {**record, "data_parallel": Layout.of(cfg, record["world_size"]).dp,
+                  "micro_batch_size": cfg.train.micro_batch_size}
+    return (f"world {record['world_size']} = tp {record['tensor_parallel']} x pp {record['pipeline_parallel']} x "
+            f"dp {record['data_parallel']}, ZeRO-{record['zero_stage']}, micro-batch {record['micro_batch_size']}")
 
 
 LAYOUT_KEYS = ("parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.zero_stage",
@@ -70,7 +72,7 @@ def layout_change(meta: dict, cfg: Config, layout: Layout) -> tuple[str, list[st
     """(`old -> new` if this run's layout differs from the checkpoint's, else "";
     why it cannot be resumed on, [] if it can)."""
     old, new = meta["layout"], layout_record(layout, cfg)
-    old_desc, new_desc = describe(old, meta["config"]), describe(new)
+    old_desc, new_desc = describe(old, meta["config"]), describe(new, {})
     if old_desc == new_desc:
         return "", []
     line = f"{old_desc} -> {new_desc}"
@@ -86,26 +88,6 @@ def layout_change(meta: dict, cfg: Config, layout: Layout) -> tuple[str, list[st
                         "with data.eod_mask_loss=true changes how masked tokens weigh in the loss: keep the "
                         "micro-batch, or pass --allow-config-change train.micro_batch_size")
     return line, problems
-
-
-def dry_run_resume(cfg: Config, layout: Layout, run_dir: Path) -> None:
-    """--dry-run: which checkpoint a start would resume, and its layout change (the memory table
-    above is the new layout's); ConfigError if that change cannot be resumed on."""
-    from pretrain import checkpoint  # (it imports this module)
-
-    if not cfg.checkpoint.enabled or not checkpoint.checkpoints_dir(run_dir).is_dir():
-        return
-    try:
-        found = checkpoint.scan(run_dir)
-    except checkpoint.CheckpointError as e:
-        raise ConfigError([str(e)]) from None
-    if found.usable:
-        ckpt, meta = found.usable[0]
-        line, problems = layout_change(meta, cfg, layout)
-        print(f"\nwould resume {ckpt} at step {meta['step']}")
-        print(f"  layout change: {line} (model and optimizer state resharded)" if line else "  same layout")
-        if problems:
-            raise ConfigError([f"cannot resume {ckpt}: {p}" for p in problems])
 
 
 def has_optimizer_state(meta: dict) -> bool:

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             estimate = estimate_memory(cfg, Layout.of(cfg, world))
             print(f"config {args.config}: valid for {world} GPUs\n")
             print(estimate.table(cfg))
-            from pretrain.reshard import dry_run_resume
+            from pretrain.loop import dry_run_resume
 
             dry_run_resume(cfg, Layout.of(cfg, world), Path(args.run_dir or Path("outputs") / Path(args.config).stem))
             if estimate.total_gb > cfg.hardware.gpu_memory_gb:
