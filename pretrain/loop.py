@@ -213,7 +213,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
 
     def save(at: int) -> None:
         nonlocal last_ckpt
-        if not cfg.checkpoint.enabled:  # off for benchmarks: a 1.3B checkpoint is ~22 GB
+        if not cfg.checkpoint.enabled:  # off for benchmarks: a 1.3B checkpoint is ~19 GB
             return
         last_ckpt = checkpoint.save_checkpoint(
             trainer, run_dir, at, {"bad_in_row": bad_in_row, "skipped_total": skipped,

@@ -258,12 +258,19 @@ def load(trainer, ckpt: Path, meta: dict) -> int:
         name = names[local]
         if name not in index.table:
             raise ReshardError(f"{ckpt}: no optimizer state for {name}: a partial checkpoint; use another one")
-        shape = _full_shape(p)
+        rec, shape = index.table[name], _full_shape(p)
+        if rec["partition_dim"] is not None:
+            rec = {**rec, "shape": [n // tp if d == rec["partition_dim"] else n for d, n in enumerate(rec["shape"])]}
+        if rec["shape"] != shape:
+            raise ReshardError(f"{ckpt}: {name} has shape {rec['shape']} on this layout, the model {shape}: a "
+                               "checkpoint of another model")
+        if getattr(p, "_hp_mapping", True) is None:
+            continue  # ZeRO-1/2, bf16: no fragment of p in this rank's partition, nothing to read
         for key in KEYS:
             value = index.value(name, key, tp, tp_rank)
             if list(value.shape) != shape:
-                raise ReshardError(f"{ckpt}: {key} of {name} has shape {list(value.shape)} here, the model "
-                                   f"{shape}: a checkpoint of another model")
+                raise ReshardError(f"{ckpt}: {key} of {name} has shape {list(value.shape)}, its table "
+                                   f"{rec['shape']}: a damaged file; use another checkpoint")
             _set(engine, p, key, value)
     for flat in _flat_states(engine):
         engine_state = _base(engine).state[flat]
