@@ -149,3 +149,45 @@ def test_dry_run_of_a_resume_shows_the_layout_change_and_memory(trained, tiny_da
     assert f"layout change: {OLD} -> world 4 = tp 2 x pp 1 x dp 2, ZeRO-1, micro-batch 1" in out, out
     assert f"would resume {run / 'checkpoints' / f'step_{STEPS:08d}'} at step {STEPS}" in out, out
     assert "world 4 = tp 2 x pp 1 x dp 2" in out and "total" in out, out  # the memory table at the new layout
+
+
+def test_layout_changes_are_accepted_and_maths_changes_refused():
+    from pretrain import reshard
+    from pretrain.checkpoint import resume_changes
+    from pretrain.config import load_config, to_dict
+    from pretrain.parallel import Layout
+
+    def cfg_of(*overrides):
+        return load_config(config("alibi"), [*OVERRIDES, *overrides])
+
+    old = cfg_of()
+    tok = {"path": "tok.model", "sha256": "ab"}
+    meta = {"config": to_dict(old), "tokenizer": tok, "layout": reshard.layout_record(Layout.of(old, 2), old),
+            "files": {"optim/tp00_pp00_dp00.safetensors": {}, "model/tp00_pp00.safetensors": {}}}
+    for overrides, world, new in [((), 1, "world 1 = tp 1 x pp 1 x dp 1, ZeRO-1, micro-batch 1"),
+                                  (("parallel.tensor_parallel=2",), 2, "world 2 = tp 2 x pp 1 x dp 1, ZeRO-1, micro-batch 1"),
+                                  (("parallel.pipeline_parallel=2", "parallel.zero_stage=0"), 4,
+                                   "world 4 = tp 1 x pp 2 x dp 2, ZeRO-0, micro-batch 1"),
+                                  (("train.micro_batch_size=2",), 2, "world 2 = tp 1 x pp 1 x dp 2, ZeRO-1, micro-batch 2")]:
+        cfg = cfg_of(*overrides)
+        changes = resume_changes(meta, cfg, tok, Layout.of(cfg, world))
+        assert changes.refused == [] and changes.accepted == [], changes
+        assert changes.layout == f"{OLD} -> {new}"
+    same = resume_changes(meta, old, tok, Layout.of(old, 2))
+    assert same.layout == "" and same.refused == []
+
+    # what changes the maths stays refused, with or without a layout change
+    cfg = cfg_of("train.precision=bf16", "train.global_batch_size=8", "parallel.tensor_parallel=2")
+    refused = resume_changes(meta, cfg, tok, Layout.of(cfg, 2)).refused
+    assert any(r.startswith("train.precision: checkpoint has 'auto', this run 'bf16'") for r in refused), refused
+    assert any(r.startswith("train.global_batch_size: checkpoint has 4, this run 8") for r in refused), refused
+    # regrouping micro-batches reweights masked tokens; older checkpoints are sharded by layout
+    cfg = cfg_of("data.eod_mask_loss=true", "train.micro_batch_size=2")
+    meta_eod = dict(meta, config=to_dict(cfg_of("data.eod_mask_loss=true")))
+    (problem,) = resume_changes(meta_eod, cfg, tok, Layout.of(cfg, 2)).refused
+    assert problem.startswith("train.micro_batch_size: checkpoint has 1, this run 2 with data.eod_mask_loss=true")
+    assert resume_changes(meta_eod, cfg, tok, Layout.of(cfg, 2), allow=("train.micro_batch_size",)).refused == []
+    older = dict(meta, files={"ds/mp_rank_00_model_states.pt": {}, "model/tp00_pp00.safetensors": {}})
+    (problem,) = resume_changes(older, old, tok, Layout.of(old, 1)).refused
+    assert "written before elastic resume" in problem and "resume it on its own layout once" in problem
+    assert resume_changes(older, old, tok, Layout.of(old, 2)).refused == []
