@@ -1,5 +1,5 @@
-"""One rank of the elastic-resume test: for each `tp,pp,zero,micro=RUN_DIR` on the command line
-(in one process group), resume RUN_DIR's newest checkpoint (written on another layout) through
+"""One rank of the elastic-resume test: for each `CONFIG@tp,pp,zero,micro=RUN_DIR` on the command
+line (in one process group), resume RUN_DIR's newest checkpoint (written on another layout) through
 preflight and checkpoint.resume, write every parameter's master weight and Adam moments as this
 rank now holds them (moments_rankN.safetensors, TP slices by global name), then train the
 remaining steps and write their losses (elastic.json). Run by tests/train/test_train_elastic.py."""
@@ -10,8 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-data_dir, config, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-jobs = [(tuple(int(v) for v in spec.split(",")), Path(run)) for spec, run in (a.split("=", 1) for a in sys.argv[4:])]
+data_dir, overrides = sys.argv[1], json.loads(sys.argv[2])
+jobs = [(config, tuple(int(v) for v in spec.split(",")), Path(run))
+        for config, spec, run in (a.replace("@", "=", 1).split("=", 2) for a in sys.argv[3:])]
 
 from megatron.core import parallel_state as ps  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -27,7 +28,7 @@ from pretrain.parallel import init_model_parallel, read_env  # noqa: E402
 from pretrain.schedule import lr_at  # noqa: E402
 
 rank = int(os.environ.get("RANK", 0))
-for (tp, pp, zero, micro), run_dir in jobs:
+for config, (tp, pp, zero, micro), run_dir in jobs:
     cfg = load_config(config, overrides + [f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}",
                                            f"parallel.zero_stage={zero}", f"train.micro_batch_size={micro}"])
     cfg.data.sources = [DataSource(path=str(Path(data_dir).resolve()))]

@@ -28,7 +28,7 @@ OVERRIDES = [f"train.steps={STEPS}", "train.log_interval=1", f"checkpoint.save_i
              "checkpoint.keep_last=2", "train.global_batch_size=4", "train.micro_batch_size=1",
              "parallel.zero_stage=1", "optim.warmup_steps=1", "validation.interval=0"]
 POSITIONS = ("alibi", "t5")
-RESHARDS = {"tp2": ("2,1,0,1", 2), "pp2": ("1,2,1,1", 2)}  # worker layouts: tp,pp,zero,micro on 2 ranks
+RESHARDS = {"tp2": "2,1,0,1", "pp2": "1,2,1,1"}  # worker layouts: tp,pp,zero,micro on 2 ranks
 OLD = "world 2 = tp 1 x pp 1 x dp 2, ZeRO-1, micro-batch 1"
 
 
@@ -97,10 +97,9 @@ def trained(tiny_data, tmp_path_factory) -> dict[str, Path]:
 def test_resume_on_other_layouts_continues_the_run(trained, tiny_data, tmp_path):
     copies = {(position, name): stopped_at_mid(trained[position], tmp_path / f"{position}_{name}")
               for position in POSITIONS for name in (*RESHARDS, "dp1")}
-    procs = []
-    for position in POSITIONS:
-        jobs = [f"{spec}={copies[position, name]}" for name, (spec, _) in RESHARDS.items()]
-        procs += launch([WORKER, str(tiny_data), config(position), json.dumps(OVERRIDES), *jobs], 2)
+    jobs = [f"{config(position)}@{spec}={copies[position, name]}" for position in POSITIONS
+            for name, spec in RESHARDS.items()]
+    procs = launch([WORKER, str(tiny_data), json.dumps(OVERRIDES), *jobs], 2)  # one process group for all
     # dp 1 through train.py: ZeRO-0 and micro-batch 2 (accumulation 4 -> 2, the same global batch)
     cli = {position: train_cli(position, copies[position, "dp1"], tiny_data, 1, stdout=subprocess.PIPE, text=True,
                                extra=["--zero-stage", "0", "--micro-batch", "2"])[0] for position in POSITIONS}
@@ -116,7 +115,7 @@ def test_resume_on_other_layouts_continues_the_run(trained, tiny_data, tmp_path)
         assert steps == {MID} and set(original) == {f"{k}/{n}" for k in ("fp32", "exp_avg", "exp_avg_sq") for n in model}
         for n, weight in model.items():  # fp32 run: the master is the model's weight
             assert torch.equal(original[f"fp32/{n}"], weight), n
-        for name, (spec, _) in RESHARDS.items():
+        for name, spec in RESHARDS.items():
             run = copies[position, name]
             got = json.loads((run / "elastic.json").read_text())
             new = spec.split(",")
