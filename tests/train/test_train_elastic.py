@@ -42,13 +42,17 @@ def train_cli(position: str, run_dir: Path, data: Path, world: int, extra=(), **
     return launch(argv, world, **popen)
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def records(run_dir: Path) -> dict[int, dict]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if r.get("kind", "train") == "train":
-            out[r["step"]] = r["loss"]
+            out[r["step"]] = r
     return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {step: r["loss"] for step, r in records(run_dir).items()}
 
 
 def stopped_at_mid(trained: Path, to: Path) -> Path:
@@ -132,9 +136,12 @@ def test_resume_on_other_layouts_continues_the_run(trained, tiny_data, tmp_path)
         run = copies[position, "dp1"]
         assert (f"layout change: {OLD} -> world 1 = tp 1 x pp 1 x dp 1, ZeRO-0, micro-batch 2 (model and optimizer "
                 "state resharded)") in outs[position], outs[position]
-        got = losses(run)
+        got, ref_rows = records(run), records(trained[position])
+        assert sorted(got) == list(range(MID + 1, STEPS + 1)), sorted(got)
         for step in range(MID + 1, STEPS + 1):
-            assert got[step] == pytest.approx(ref[step], rel=1e-4), f"{position} dp1 step {step}: {got} vs {ref}"
+            assert got[step]["loss"] == pytest.approx(ref[step], rel=1e-4), f"{position} dp1 step {step}: {got}"
+            for key in ("lr", "consumed_samples"):  # the schedule and the data position go on
+                assert got[step][key] == ref_rows[step][key], (position, step, key)
 
 
 @pytest.mark.slow
