@@ -56,8 +56,9 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def stopped_at_mid(trained: Path, to: Path) -> Path:
-    """A copy of the run as it was after its mid-run checkpoint (the later one removed)."""
-    shutil.copytree(trained, to, ignore=shutil.ignore_patterns("wandb", "run.lock"))
+    """A copy of the run as it was after its mid-run checkpoint (the later one removed), without
+    its metrics: what the resumed run logs is all there is."""
+    shutil.copytree(trained, to, ignore=shutil.ignore_patterns("wandb", "run.lock", "metrics.jsonl"))
     shutil.rmtree(to / "checkpoints" / f"step_{STEPS:08d}")
     (to / "checkpoints" / "latest").write_text(f"step_{MID:08d}\n")
     return to
