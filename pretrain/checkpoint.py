@@ -10,7 +10,10 @@ for tools. Format 2 (format 1 needed pickle to load and is refused with a messag
         model/tp00_pp00.safetensors               {global name: tensor}: this TP/PP shard with
                                                   global layer numbers, full over ZeRO ranks; the
                                                   parameter table in the safetensors metadata
-        ds/...                                    DeepSpeed engine state (model, optimizer)
+        optim/tp00_pp00_dp00.safetensors          {"fp32|exp_avg|exp_avg_sq/<global name>": tensor}:
+                                                  master weights and Adam moments by global name,
+                                                  the Adam step (pretrain/reshard.py: any layout
+                                                  resumes them)
         rng/rank00000.safetensors                 every RNG of that rank
     RUN_DIR/checkpoints/corrupt_step_00000090/    one that failed verification on resume, set aside
 
@@ -18,10 +21,12 @@ Written under a temporary name and renamed when every rank has finished, so `lat
 names a partial checkpoint. `load_consolidated` merges the model files into the TP=1/PP=1 state
 dict with no process group, using the partition dim recorded per parameter.
 
-Safety (docs/design.md, "Checkpoints"): nothing here unpickles arbitrary objects. Model shards
-and RNG states are safetensors (tensors and strings, no code); DeepSpeed's own files are read
+Safety (docs/design.md, "Checkpoints"): nothing here unpickles arbitrary objects. Model shards,
+optimizer states and RNG states are safetensors (tensors and strings, no code). Checkpoints
+written before elastic resume hold DeepSpeed's own files (ds/) instead of optim/: those are read
 through `_safe_torch_load` (torch.load(weights_only=True), three DeepSpeed data classes
-allowed), and only by `resume`: the tools read meta.json and the safetensors model shards only.
+allowed), only by `resume`, on their own layout; the tools read meta.json and the safetensors
+model shards only.
 
 Verification: meta.json records every file's size and xxh3_128 hash (read back at save time),
 and meta.json.xxh3_128 meta.json's own: an edited or damaged meta.json (a changed step, consumed
@@ -50,8 +55,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain import reshard
 from pretrain.config import RESUME_HARMLESS, Config, config_changes, from_dict, to_dict
-from pretrain.parallel import Layout, accelerator_device
+from pretrain.parallel import Layout, accelerator_device, seed_rng
 from pretrain.rundir import write_atomic
 
 log = logging.getLogger(__name__)
@@ -300,7 +306,7 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
     dist.barrier()
 
     try:
-        trainer.engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+        reshard.save(trainer, tmp)  # the optimizer state by global name (was DeepSpeed's ds/, by layout)
         tensors, table = _model_shard(trainer)
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         if ps.get_data_parallel_rank() == 0:
@@ -329,7 +335,7 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
             "consumed_samples": step * cfg.train.global_batch_size,
             "config": to_dict(cfg),
             "tokenizer": tokenizer,
-            "layout": _layout_record(trainer.layout, cfg),
+            "layout": reshard.layout_record(trainer.layout, cfg),
             **extra,
             "files": dict(sorted(kv for share in shares for kv in share.items())),
         }
@@ -541,18 +547,15 @@ def find_checkpoint(run_dir: str | Path, prefix: str = "") -> tuple[Path, dict] 
     return None
 
 
-def _layout_record(layout: Layout, cfg: Config) -> dict[str, int]:
-    return {"world_size": layout.world_size, "tensor_parallel": layout.tp, "pipeline_parallel": layout.pp,
-            "zero_stage": cfg.parallel.zero_stage}
-
-
 @dataclass
 class Changes:
     """How this run differs from a checkpoint it resumes: `accepted` lines (harmless, or named by
-    --allow-config-change) and `refused` lines (each with what to do)."""
+    --allow-config-change), `refused` lines (each with what to do), and the `layout` change
+    (`old -> new`, "" if none), which is resharded on resume."""
 
     accepted: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    layout: str = ""
 
 
 def data_fingerprint(manifests: dict[str, dict]) -> dict[str, str]:
@@ -569,8 +572,9 @@ def data_fingerprint(manifests: dict[str, dict]) -> dict[str, str]:
 
 def resume_changes(meta: dict, cfg: Config, tokenizer: dict, layout: Layout, allow: tuple[str, ...] = (),
                    data: dict[str, str] | None = None) -> Changes:
-    """Every difference between the checkpoint's run and this one. Model shape and layout cannot
-    change (the saved tensors and optimizer shards would not fit); harmless keys
+    """Every difference between the checkpoint's run and this one. The model shape cannot change
+    (the saved tensors would not fit); the layout (world size, tp, pp, ZeRO stage, micro-batch:
+    reshard.LAYOUT_KEYS) can, the same maths on other GPUs: `layout`; harmless keys
     (config.RESUME_HARMLESS) are accepted; anything else breaks exactness or the data position and
     is refused unless `allow` names it (or a section above it). `data`: this run's
     `data_fingerprint`, compared for the sources both runs read (a checkpoint written before
@@ -586,15 +590,16 @@ def resume_changes(meta: dict, cfg: Config, tokenizer: dict, layout: Layout, all
         if old_data[path] != data[path]:
             diffs.append(("data.manifest", f"{path} (manifest sha256 {str(old_data[path])[:12]})",
                           f"regenerated in place (manifest sha256 {data[path][:12]})"))
-    old_world, world = meta["layout"]["world_size"], layout.world_size
-    if old_world != world:
-        diffs.append(("layout.world_size", old_world, world))
-    fixed = {f"model.{n}" for n in SHAPE_FIELDS} | {"layout.world_size"}
+    out.layout, problems = reshard.layout_change(meta, cfg, layout)
+    out.refused += [p for p in problems if not any(p.startswith(a) for a in allow)]
+    fixed = {f"model.{n}" for n in SHAPE_FIELDS}
     for key, old, new in diffs:
         line = f"{key}: checkpoint has {old!r}, this run {new!r}" + (_lr_note(meta, cfg) if key == "train.steps" else "")
-        if key in fixed or key.startswith("parallel."):
-            out.refused.append(f"{line} (the saved tensors and optimizer shards are laid out for the checkpoint's "
-                               "model and layout: use a new --run-dir for a different model or layout)")
+        if key in fixed:
+            out.refused.append(f"{line} (the saved tensors are laid out for the checkpoint's model: use a new "
+                               "--run-dir for a different model)")
+        elif key in reshard.LAYOUT_KEYS:
+            continue  # in out.layout
         elif any(key == h or key.startswith(h) for h in RESUME_HARMLESS):
             out.accepted.append(f"{line} (harmless)")
         elif any(key == a or key.startswith(a + ".") for a in allow):
@@ -661,9 +666,22 @@ def resume(trainer, found: Found | None) -> tuple[Path, dict] | None:
     if chosen is None:
         return None
     ckpt, meta = chosen
-    trainer.engine.checkpoint_engine.load = _safe_torch_load  # DeepSpeed's torch.load(weights_only=False)
-    trainer.engine.load_checkpoint(str(ckpt), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=False)
-    _set_rng_state(_read_rng(ckpt / "rng" / f"rank{rank:05d}.safetensors"))
+    if reshard.has_optimizer_state(meta):  # any layout: no torch.load at all
+        try:
+            reshard.load(trainer, ckpt, meta)
+        except reshard.ReshardError as e:
+            raise CheckpointError(str(e)) from None
+        engine = trainer.engine
+        engine.global_steps, engine.global_samples = meta["step"], meta.get("consumed_samples", 0)
+        engine.skipped_steps = meta.get("skipped_total", 0)
+    else:  # written before elastic resume: DeepSpeed's files, on their own layout (preflight checked)
+        trainer.engine.checkpoint_engine.load = _safe_torch_load  # DeepSpeed's torch.load(weights_only=False)
+        trainer.engine.load_checkpoint(str(ckpt), tag="ds", load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+    if not reshard.layout_change(meta, trainer.cfg, trainer.layout)[0]:
+        _set_rng_state(_read_rng(ckpt / "rng" / f"rank{rank:05d}.safetensors"))
+    else:  # each rank's streams belong to a rank of the old layout: fresh ones, not step 0's again
+        seed_rng(trainer.cfg.train.seed + meta["step"])
     return chosen
 
 

@@ -148,6 +148,26 @@ def preflight(cfg: Config, env: DistEnv, run_dir: Path, allow: tuple[str, ...] =
     return Plan(layout, data, found, changes)
 
 
+def dry_run_resume(cfg: Config, layout: Layout, run_dir: Path) -> None:
+    """--dry-run: which checkpoint a start would resume, and its layout change (the memory table
+    above is the new layout's); ConfigError if that change cannot be resumed on."""
+    from pretrain import checkpoint, reshard
+
+    if not cfg.checkpoint.enabled or not checkpoint.checkpoints_dir(run_dir).is_dir():
+        return
+    try:
+        found = checkpoint.scan(run_dir)
+    except checkpoint.CheckpointError as e:
+        raise ConfigError([str(e)]) from None
+    if found.usable:
+        ckpt, meta = found.usable[0]
+        line, problems = reshard.layout_change(meta, cfg, layout)
+        print(f"\nwould resume {ckpt} at step {meta['step']}")
+        print(f"  layout change: {line} (model and optimizer state resharded)" if line else "  same layout")
+        if problems:
+            raise ConfigError([f"cannot resume {ckpt}: {p}" for p in problems])
+
+
 def validate_ppl(trainer, cfg: Config, tokens: torch.Tensor) -> dict[int, float]:
     """Nonoverlapping perplexity at each multiple of L over all full windows of `tokens`, the
     same number in every layout. pp == 1: windows dealt round-robin to data-parallel ranks, NLL
@@ -250,6 +270,8 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
         history = rundir.write_config(run_dir, to_dict(cfg), step)
         if resumed is not None:
             print(f"resumed from {resumed[0]} at step {step}", flush=True)
+            if changes.layout:
+                print(f"  layout change: {changes.layout} (model and optimizer state resharded)", flush=True)
             for line in changes.accepted:
                 print(f"  config change: {line}", flush=True)
         if history is not None and step > 0:
@@ -262,7 +284,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
 
     def save(at: int) -> None:
         nonlocal last_ckpt
-        if not cfg.checkpoint.enabled:  # off for benchmarks: a 1.3B checkpoint is ~22 GB
+        if not cfg.checkpoint.enabled:  # off for benchmarks: a 1.3B checkpoint is ~19 GB
             return
         last_ckpt = checkpoint.save_checkpoint(
             trainer, run_dir, at, {"bad_in_row": bad_in_row, "skipped_total": skipped,

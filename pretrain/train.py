@@ -9,8 +9,11 @@ as one plain process. A run directory holding a checkpoint resumes from its newe
 one; a config change that breaks exact continuation is refused unless --allow-config-change
 names it. One trainer per run directory (a lock). SIGUSR1/SIGTERM/SIGINT (Ctrl-C): checkpoint
 at the next step boundary, exit 0; a second Ctrl-C exits at once. --dry-run validates the layout
-for any world size and prints the per-GPU memory estimate, touching no GPU and no process group;
+for any world size and prints the per-GPU memory estimate (and, for a run directory with a
+checkpoint, the layout change a resume would reshard), touching no GPU and no process group;
 with --data it also makes the real run's data checks (vocabulary, shards, sample index size).
+A resume on another layout (GPU count, --tp, --pp, --zero-stage, --micro-batch) is accepted:
+the model and optimizer state are resharded.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="a data_prep/preprocess.py output directory (replaces the config's data.sources); None: the config's")
     for flag in FLAGS:
         ap.add_argument("--" + flag.replace("_", "-"), type=int, default=None, help=f"sets {FLAGS[flag]}; None: the config's value")
-    ap.add_argument("--dry-run", action="store_true", help="validate the layout (and --data), print memory per GPU, exit")
+    ap.add_argument("--dry-run", action="store_true", help="validate the layout (and --data), print memory per GPU and, where the run "
+                    "directory holds a checkpoint, the layout change a resume would make; exit")
     ap.add_argument("--world-size", type=int, default=None, help="--dry-run: GPUs to plan for; None: the launcher's (WORLD_SIZE or SLURM_NTASKS, else 1)")
     ap.add_argument("overrides", nargs="*", help="key.path=value (YAML value)")
     ap.add_argument("--allow-config-change", nargs="+", default=[], metavar="KEY",
@@ -92,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             estimate = estimate_memory(cfg, Layout.of(cfg, world))
             print(f"config {args.config}: valid for {world} GPUs\n")
             print(estimate.table(cfg))
+            from pretrain.loop import dry_run_resume
+
+            dry_run_resume(cfg, Layout.of(cfg, world), Path(args.run_dir or Path("outputs") / Path(args.config).stem))
             if estimate.total_gb > cfg.hardware.gpu_memory_gb:
                 raise ConfigError([f"estimated {estimate.total_gb:.1f} GiB per GPU exceeds hardware.gpu_memory_gb="
                                    f"{cfg.hardware.gpu_memory_gb:g}: lower train.micro_batch_size, set "

@@ -100,6 +100,7 @@ def test_data_parallel_size_is_computed_only_in_parallel_py():
 
 ENTRY_POINTS = ["pretrain.train", "tools.main_job", "tools.convert_to_hf", "tools.eval_extrapolation",
                 "tools.compare_runs", "tools.bench.attention", "tools.bench.train", "tools.bench.preprocess",
+                "tools.bench.reshard",
                 "data_prep.preprocess", "data_prep.train_tokenizer", "data_prep.corpus"]
 
 
