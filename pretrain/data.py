@@ -198,15 +198,14 @@ def _check_ids(ids, dataset, sample: dict, index: int) -> None:
         raise _damaged(part.dataset.path_prefix, top, vocab, f"sample {index}")
 
 
-def _damaged(prefix: str, top: int, vocab: int, where: str):
-    from pretrain.loop import TrainingError  # here: loop imports this module
+class DamagedShardError(ValueError):
+    """A shard holds token ids past the vocabulary (train.py and the evaluation tool print it in one line)."""
 
-    class DamagedShardError(TrainingError, ValueError):
-        """train.py reports a TrainingError in one line, the evaluation tool a ValueError."""
 
+def _damaged(prefix: str, top: int, vocab: int, where: str) -> DamagedShardError:
     return DamagedShardError(f"{prefix}.bin holds token id {top} ({where}), but the data's vocabulary has {vocab} ids: "
-                         f"the shard is damaged. Run the same preprocess command on its directory again (it checks "
-                         f"each merged shard's sha256 and redoes damaged ones), or copy the data again")
+                             f"the shard is damaged. Run the same preprocess command on its directory again (it checks "
+                             f"each merged shard's sha256 and redoes damaged ones), or copy the data again")
 
 
 def split_tokens(data_dir: str | Path, split: str = "valid", max_tokens: int | None = None,

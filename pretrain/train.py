@@ -106,13 +106,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         env = read_env()
         from pretrain.checkpoint import CheckpointError
+        from pretrain.data import DamagedShardError
         from pretrain.loop import TrainingError, train
         from pretrain.rundir import RunDirError
 
         run_dir = Path(args.run_dir or Path("outputs") / Path(args.config).stem)
         try:
             return train(cfg, run_dir, env, stop, allow)
-        except TrainingError as e:
+        except (TrainingError, DamagedShardError) as e:
             print(f"train.py: {e}", file=sys.stderr)
             return 1
         except (CheckpointError, RunDirError) as e:

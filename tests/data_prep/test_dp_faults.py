@@ -311,8 +311,7 @@ def _train_config(data_dir: Path, *overrides: str):
 
 
 def test_training_names_a_shard_holding_ids_past_the_vocabulary(tmp_path, tokenizer_model, corpus):
-    from pretrain.data import BatchReader, build_train_dataset, load_data, split_tokens
-    from pretrain.loop import TrainingError
+    from pretrain.data import BatchReader, DamagedShardError, build_train_dataset, load_data, split_tokens
 
     out = tmp_path / "data"
     m = run(corpus, tokenizer_model, out, valid_fraction=0.05)
@@ -324,10 +323,10 @@ def test_training_names_a_shard_holding_ids_past_the_vocabulary(tmp_path, tokeni
         tokens.tofile(binf)
     data = load_data(cfg)
     reader = BatchReader(build_train_dataset(cfg, data), cfg, 0, 1)
-    with pytest.raises(TrainingError, match=rf"{out}/merged/train_00000.bin holds token id 4000 .*vocabulary has "
+    with pytest.raises(DamagedShardError, match=rf"{out}/merged/train_00000.bin holds token id 4000 .*vocabulary has "
                                             rf"2048 ids: the shard is damaged"):
         reader.micro_batches(0)
-    with pytest.raises(TrainingError, match=rf"{out}/merged/valid_00000.bin holds token id 4000 \(document 0\)"):
+    with pytest.raises(DamagedShardError, match=rf"{out}/merged/valid_00000.bin holds token id 4000 \(document 0\)"):
         split_tokens(out, "valid", 1000, data.sources[0].manifest)
 
 
