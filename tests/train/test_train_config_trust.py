@@ -45,10 +45,12 @@ def test_a_flag_and_an_override_of_one_key_are_refused(capsys):
 
 def test_resume_diff_states_the_lr_jump_of_a_new_train_steps():
     from pretrain.checkpoint import resume_changes
+    from pretrain.reshard import layout_record
 
     old = load_config(TINY, ["train.steps=100", "optim.warmup_steps=10"])
     new = load_config(TINY, ["train.steps=200", "optim.warmup_steps=10"])
-    meta = {"config": to_dict(old), "step": 100, "tokenizer": {"sha256": "t"}, "layout": {"world_size": 1}}
+    meta = {"config": to_dict(old), "step": 100, "tokenizer": {"sha256": "t"},
+            "layout": layout_record(Layout.of(old, 1), old)}
     changes = resume_changes(meta, new, {"sha256": "t"}, Layout.of(new, 1), ("train.steps",))
     before, after = lr_at(100, old.optim, 100), lr_at(100, new.optim, 200)
     assert before == old.optim.min_lr and after > 5 * before  # the finished cosine starts again from its middle
