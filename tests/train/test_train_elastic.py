@@ -37,8 +37,11 @@ def config(position: str) -> str:
 
 
 def train_cli(position: str, run_dir: Path, data: Path, world: int, extra=(), **popen):
+    """train.py on `world` ranks; a flag in `extra` replaces the override of its key (giving both is refused)."""
+    flagged = {"--zero-stage": "parallel.zero_stage=", "--micro-batch": "train.micro_batch_size="}
+    dropped = tuple(flagged[f] for f in extra if f in flagged)
     argv = [str(REPO / "pretrain" / "train.py"), "--config", config(position), "--data", str(data),
-            "--run-dir", str(run_dir), *OVERRIDES, *extra]
+            "--run-dir", str(run_dir), *(o for o in OVERRIDES if not o.startswith(dropped)), *extra]
     return launch(argv, world, **popen)
 
 

@@ -177,6 +177,7 @@ def raw_rate(batches, text_bytes: int, encoder: str, model: str, tokenizer_json:
 def run_preprocess(paths, model: str, workers: int, encoder: str, out_dir: Path) -> dict:
     cmd = [sys.executable, "-c", _RUNNER, "--input", *map(str, paths), "--tokenizer", model,
            "--output-dir", str(out_dir), "--workers", str(workers), "--encoder", encoder, "--quiet"]
+    cmd += ["--valid-fraction", "0"]  # no valid split: a small text set may put no document in it (refused)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
     ps, peak_rss, peak_pss, tick = psutil.Process(proc.pid), 0, 0, 0
     while proc.poll() is None:  # RSS every 0.2 s (cheap); PSS (reads smaps: ~5 ms/process) every 2 s
