@@ -81,6 +81,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def check_tokenizer(paths: list[str], data: str | Path) -> None:
+    """Refuse our checkpoints whose run used another tokenizer than the one `data` was made with:
+    its ids would mean other text, and the perplexity nothing."""
+    from data_prep.manifest import load_manifest
+    from pretrain.checkpoint import read_meta, scan
+    from tools.eval_models import is_hf_dir
+
+    made = load_manifest(data)["tokenizer"]
+    for path in (Path(p) for p in paths if not is_hf_dir(p)):
+        usable = [(path, read_meta(path))] if (path / "meta.json").is_file() else \
+            scan(path.parent if path.name == "checkpoints" else path).usable
+        run = usable[0][1]["tokenizer"] if usable else made
+        if (run["sha256"], run.get("eod")) != (made["sha256"], made.get("eod")):
+            raise ValueError(f"{path} was trained with tokenizer {run['path']} (sha256 {run['sha256'][:12]}, eod "
+                             f"{run.get('eod')}) but {data} was made with {made['path']} (sha256 {made['sha256'][:12]}, "
+                             f"eod {made.get('eod')}): preprocess the evaluation text with the run's tokenizer")
+
+
 def evaluate(models: list[EvalModel], tokens: torch.Tensor, lengths: list[int], *, method: Method,
              stride: int | None, device: torch.device, batch_size: int | None = None) -> list[dict]:
     """Perplexity of every model at every length: records for results.json."""
@@ -134,6 +152,7 @@ def main(argv=None) -> dict[str, Path]:
     if missing:
         raise FileNotFoundError(f"--checkpoint {' '.join(missing)}: no such directory")
     names = model_names(args.checkpoint, args.names)
+    check_tokenizer(args.checkpoint, args.data)
 
     import torch
 
