@@ -137,8 +137,8 @@ class Tokenizer:
             (n for n in EOD_NAMES if n in vocab), None)
         if name is None:
             raise TokenizerError(
-                f"tokenizer {self.model_path} has no end-of-text token (none of {', '.join(EOD_NAMES)}, no eos_token in "
-                f"a tokenizer_config.json beside it): pass --eod-token NAME, one of its special tokens "
+                f"tokenizer {self.model_path} has no end-of-text token (none of {', '.join(EOD_NAMES)}, no "
+                f"eos_token in a tokenizer_config.json beside it): pass --eod-token NAME, one of its special tokens "
                 f"({', '.join(specials[:8]) or 'it has none'})")
         self.eod, self.eod_token, self.bos = self._id(name), name, -1  # no BOS: documents end with eod only
         pad = _config_token(self.model_path, "pad_token") or next((n for n in PAD_NAMES if n in vocab), None)
@@ -197,7 +197,8 @@ class Tokenizer:
         if self._fast is not None:
             return self._fast.encode_batch(texts)
         if self._hf is not None:
-            return [np.array(e.ids, dtype=np.int64) for e in self._hf.encode_batch_fast(texts, add_special_tokens=False)]
+            encodings = self._hf.encode_batch_fast(texts, add_special_tokens=False)
+            return [np.array(e.ids, dtype=np.int64) for e in encodings]
         return self.sp.encode(texts, out_type="numpy", num_threads=num_threads)
 
     def decode(self, ids) -> str:

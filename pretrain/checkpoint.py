@@ -420,9 +420,9 @@ def resume_changes(meta: dict, cfg: Config, tokenizer: dict, layout: Layout, all
     out = Changes()
     diffs = config_changes(meta["config"], to_dict(cfg))
     old_tok, new_tok = meta["tokenizer"], tokenizer
-    if old_tok.get("sha256") != new_tok.get("sha256"):
-        diffs.append(("tokenizer", f"{old_tok.get('path')} (sha256 {str(old_tok.get('sha256'))[:12]})",
-                      f"{new_tok.get('path')} (sha256 {str(new_tok.get('sha256'))[:12]})"))
+    if (old_tok.get("sha256"), old_tok.get("eod")) != (new_tok.get("sha256"), new_tok.get("eod")):
+        diffs.append(("tokenizer", *(f"{t.get('path')} (sha256 {str(t.get('sha256'))[:12]}, eod {t.get('eod')})"
+                                     for t in (old_tok, new_tok))))
     old_world, world = meta["layout"]["world_size"], layout.world_size
     if old_world != world:
         diffs.append(("layout.world_size", old_world, world))

@@ -95,8 +95,9 @@ def check_tokenizer(paths: list[str], data: str | Path) -> None:
         run = usable[0][1]["tokenizer"] if usable else made
         if (run["sha256"], run.get("eod")) != (made["sha256"], made.get("eod")):
             raise ValueError(f"{path} was trained with tokenizer {run['path']} (sha256 {run['sha256'][:12]}, eod "
-                             f"{run.get('eod')}) but {data} was made with {made['path']} (sha256 {made['sha256'][:12]}, "
-                             f"eod {made.get('eod')}): preprocess the evaluation text with the run's tokenizer")
+                             f"{run.get('eod')}) but {data} was made with {made['path']} (sha256 "
+                             f"{made['sha256'][:12]}, eod {made.get('eod')}): preprocess the evaluation text with "
+                             "the run's tokenizer")
 
 
 def evaluate(models: list[EvalModel], tokens: torch.Tensor, lengths: list[int], *, method: Method,

@@ -136,3 +136,5 @@ def test_eval_export_and_resume_refuse_another_tokenizer(run_dir, corpus, wordpi
     changes = checkpoint.resume_changes(meta, cfg, wp, Layout.of(cfg, 1))
     assert any(line.startswith("tokenizer:") and "wordpiece" in line for line in changes.refused)
     assert checkpoint.resume_changes(meta, cfg, meta["tokenizer"], Layout.of(cfg, 1)).refused == []
+    other_eod = dict(meta["tokenizer"], eod=meta["tokenizer"]["eod"] + 1)  # the same file, another --eod-token
+    assert checkpoint.resume_changes(meta, cfg, other_eod, Layout.of(cfg, 1)).refused[0].startswith("tokenizer:")
