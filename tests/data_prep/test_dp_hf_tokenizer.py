@@ -117,3 +117,11 @@ def test_wordpiece_folder_needs_an_eod_token(corpus, wordpiece_tokenizer_dir, tm
     assert m["tokenizer"]["kind"] == "hf" and (m["tokenizer"]["eod"], m["tokenizer"]["pad"]) == (sep, 0)
     # no [CLS] from the tokenizer's template: documents are the encoded text, then eod
     assert read_split(tmp_path / "out", "train") == direct(tok_json, reference_docs(corpus[0]), sep)
+
+
+@pytest.mark.slow
+def test_submitit_launcher_writes_the_same_bytes(inputs, bpe_tokenizer_json, bpe_runs, tmp_path):
+    m = preprocess(inputs, bpe_tokenizer_json, tmp_path, workers=1, tasks=2, launcher="submitit-local",
+                   valid_fraction=0.1, chunk_mb=0.1, quiet=True)
+    assert (tmp_path / ".work" / "submitit").is_dir() and m["encoder"]["chunks"] == {"tokenizers": m["run"]["chunks"]}
+    assert shard_bytes(tmp_path) == shard_bytes(bpe_runs[1][0])
