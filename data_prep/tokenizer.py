@@ -145,11 +145,12 @@ class Tokenizer:
         self.pad = vocab.get(pad, -1) if pad != name else -1  # a pad that is eod would mask eod out of the loss
 
     def _id(self, token: str) -> int:
-        """The id of a named token (--eod-token), refused when the tokenizer does not have it."""
+        """The id of the end-of-text token named by --eod-token or a tokenizer_config.json, refused
+        when the tokenizer does not have it."""
         i = self._hf.token_to_id(token) if self._hf is not None else self.sp.piece_to_id(token)
         if i is None or (self.sp is not None and i == self.sp.unk_id() and token != self.sp.id_to_piece(i)):
-            raise TokenizerError(f"--eod-token {token!r} is not a token of {self.model_path}: name one of its tokens "
-                                 "(e.g. <|endoftext|> or </s>)")
+            raise TokenizerError(f"end-of-text token {token!r} is not a token of {self.model_path}: pass --eod-token "
+                                 "NAME naming one of its tokens (e.g. <|endoftext|> or </s>)")
         return i
 
     @property
@@ -165,10 +166,12 @@ class Tokenizer:
 
     @property
     def fingerprint(self) -> dict:
-        """The tokenizer's part of a preprocess plan (a resume must match it). A tokenizer.json's
-        eod comes from a choice (--eod-token, tokenizer_config.json), so it is part of it."""
+        """The tokenizer's part of a preprocess plan (a resume must match it). An eod chosen outside
+        the file (--eod-token, tokenizer_config.json) is part of it."""
         out = {"tokenizer": str(self.model_path), "tokenizer_sha256": self.sha256}
-        return out if self.kind == SENTENCEPIECE else dict(out, tokenizer_kind=self.kind, tokenizer_eod=self.eod)
+        if self.kind == SENTENCEPIECE and self.eod == self.sp.eos_id():
+            return out  # as before tokenizer.json support: plans of earlier runs still resume
+        return dict(out, tokenizer_kind=self.kind, tokenizer_eod=self.eod)
 
     @property
     def unique_identifiers(self) -> dict:

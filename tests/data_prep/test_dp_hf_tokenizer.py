@@ -109,7 +109,7 @@ def test_wordpiece_folder_needs_an_eod_token(corpus, wordpiece_tokenizer_dir, tm
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "has no end-of-text token" in err and "pass --eod-token NAME" in err and "[SEP]" in err
     assert main([*args, "--output-dir", str(tmp_path / "typo"), "--eod-token", "[EOT]"]) == 2
-    assert "--eod-token '[EOT]' is not a token of" in capsys.readouterr().err
+    assert "end-of-text token '[EOT]' is not a token of" in capsys.readouterr().err
     assert main([*args, "--output-dir", str(tmp_path / "out"), "--eod-token", "[SEP]"]) == 0
     tok_json = wordpiece_tokenizer_dir / "tokenizer.json"
     sep = HFTokenizer.from_file(str(tok_json)).token_to_id("[SEP]")
