@@ -125,3 +125,23 @@ def test_submitit_launcher_writes_the_same_bytes(inputs, bpe_tokenizer_json, bpe
                    valid_fraction=0.1, chunk_mb=0.1, quiet=True)
     assert (tmp_path / ".work" / "submitit").is_dir() and m["encoder"]["chunks"] == {"tokenizers": m["run"]["chunks"]}
     assert shard_bytes(tmp_path) == shard_bytes(bpe_runs[1][0])
+
+
+def test_eod_and_pad_from_a_tokenizer_config_beside_it(wordpiece_tokenizer_dir, bpe_tokenizer_json, tmp_path):
+    from data_prep.tokenizer import Tokenizer
+
+    folder = tmp_path / "wp"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((wordpiece_tokenizer_dir / "tokenizer.json").read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "[SEP]"}, "pad_token": "[PAD]"}))
+    hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    tok = Tokenizer(folder)
+    assert (tok.kind, tok.eod_token) == ("hf", "[SEP]")
+    assert (tok.eod, tok.pad) == (hf.token_to_id("[SEP]"), hf.token_to_id("[PAD]"))
+    assert Tokenizer(folder, eod_token="[CLS]").eod == hf.token_to_id("[CLS]")  # the flag wins
+    # GPT-2 style: pad set to the end-of-text token; pad -1, or megatron would mask every eod out of the loss
+    gpt = tmp_path / "gpt"
+    gpt.mkdir()
+    (gpt / "tokenizer.json").write_bytes(bpe_tokenizer_json.read_bytes())
+    (gpt / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOT, "pad_token": EOT}))
+    assert (Tokenizer(gpt).eod, Tokenizer(gpt).pad) == (0, -1)
