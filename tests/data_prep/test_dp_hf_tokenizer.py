@@ -119,12 +119,21 @@ def test_wordpiece_folder_needs_an_eod_token(corpus, wordpiece_tokenizer_dir, tm
     assert read_split(tmp_path / "out", "train") == direct(tok_json, reference_docs(corpus[0]), sep)
 
 
-@pytest.mark.slow
-def test_submitit_launcher_writes_the_same_bytes(inputs, bpe_tokenizer_json, bpe_runs, tmp_path):
-    m = preprocess(inputs, bpe_tokenizer_json, tmp_path, workers=1, tasks=2, launcher="submitit-local",
-                   valid_fraction=0.1, chunk_mb=0.1, quiet=True)
-    assert (tmp_path / ".work" / "submitit").is_dir() and m["encoder"]["chunks"] == {"tokenizers": m["run"]["chunks"]}
-    assert shard_bytes(tmp_path) == shard_bytes(bpe_runs[1][0])
+
+def test_what_a_slurm_task_receives_loads_the_same_tokenizer(wordpiece_tokenizer_dir, tmp_path):
+    """A SLURM array task gets the settings and the tokenizer pickled: the same file, eod and ids."""
+    import pickle
+
+    from data_prep import worker
+    from data_prep.settings import PrepSettings
+    from data_prep.tokenizer import Tokenizer
+
+    tok = Tokenizer(wordpiece_tokenizer_dir, eod_token="[SEP]")
+    s = pickle.loads(pickle.dumps(PrepSettings(out_dir=str(tmp_path), tokenizer=str(tok.model_path),
+                                               eod_token="[SEP]", encoder="tokenizers")))
+    for other in (pickle.loads(pickle.dumps(tok)), worker.load_tokenizer(s, s.encoder)):
+        assert other.record == tok.record and other.encoder == "tokenizers"
+        assert other.encode(EDGE_DOCS[0]) == tok.encode(EDGE_DOCS[0]) and other.encode(EDGE_DOCS[0])
 
 
 def test_eod_and_pad_from_a_tokenizer_config_beside_it(wordpiece_tokenizer_dir, bpe_tokenizer_json, tmp_path):
