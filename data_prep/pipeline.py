@@ -31,7 +31,7 @@ from data_prep.plan import auto_chunk_bytes, describe_input, edges_sha256, estim
 from data_prep.progress import Reporter
 from data_prep.readers import CORRUPT_STREAM, ChunkReader, expand_inputs
 from data_prep.settings import LAUNCHERS, VALID_MIN_WINDOWS, PrepSettings
-from data_prep.tokenizer import Tokenizer, file_sha256
+from data_prep.tokenizer import Tokenizer, TokenizerError, file_sha256
 from data_prep.worker import SMALLEST_KEYS, StrictError, indexed_dataset, load_done, load_tokenizer, token_dtype
 
 __all__ = ["LAUNCHERS", "DiskFullError", "EmptyValidError", "RefusedError", "preprocess"]
@@ -151,8 +151,8 @@ def _sample(described: list[dict], s: PrepSettings) -> tuple[list[str], float]:
 def _choose_encoder(s: PrepSettings, tok: Tokenizer, layout: OutputDir, sample: list[str],
                     sample_ids: list[list[int]]) -> dict:
     """The encoder this run uses, and why (the manifest's `encoder`)."""
-    info = {"requested": s.encoder, "used": "sentencepiece", "version": None, "fallback": None, "checked": None}
-    if s.encoder == "sentencepiece":
+    info = {"requested": s.encoder, "used": tok.encoders[0], "version": None, "fallback": None, "checked": None}
+    if s.encoder == tok.encoders[0] or encoders.FAST not in tok.encoders:  # the reference encoder: nothing to check
         return info
     reason = encoders.fast_unsupported(tok.model_path)
     if reason is None:
@@ -221,12 +221,12 @@ def preprocess(inputs, tokenizer_path, output_dir, **settings) -> dict:
     t0 = time.time()
     s = PrepSettings(out_dir=str(Path(output_dir).resolve()), tokenizer=str(tokenizer_path), **settings)
     try:
-        tok = Tokenizer(tokenizer_path)
-    except FileNotFoundError as e:
+        tok = Tokenizer(tokenizer_path, eod_token=s.eod_token)
+    except (FileNotFoundError, TokenizerError) as e:  # missing, not a tokenizer, or no end-of-text token
         raise RefusedError(str(e)) from e
-    except (OSError, RuntimeError, ValueError) as e:  # not a SentencePiece model, or no eos id
-        raise RefusedError(f"cannot load tokenizer {tokenizer_path}: {e}; pass the .model file "
-                           f"written by data_prep/train_tokenizer.py") from e
+    if s.encoder not in ("auto", *tok.encoders):
+        raise RefusedError(f"--encoder {s.encoder} cannot encode with {tok.kind} tokenizer {tok.model_path}: "
+                           f"use --encoder auto (or {' or '.join(tok.encoders)})")
     s = replace(s, tokenizer=str(tok.model_path), workers=s.workers or len(os.sched_getaffinity(0)))
     skipped: list[dict] = []
     paths = expand_inputs(list(inputs) if not isinstance(inputs, (str, Path)) else [inputs], skipped)
@@ -251,13 +251,12 @@ def _start(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: Outpu
     """Everything decided before a chunk starts: the resolved settings, the plan (refusing another
     run's directory), the encoder. -> (settings, plan id, fingerprint, encoder info, tokens per input byte)."""
     sample, text_per_input_byte = _sample(described, s)
-    sample_ids = tok.sp.encode(sample)  # SentencePiece's ids: the check's reference, and the token estimate
+    sample_ids = tok.reference_encode(sample)  # the fast encoder check's reference, and the token estimate
     tokens_per_byte = text_per_input_byte * (sum(map(len, sample_ids)) + len(sample)) / \
         max(sum(len(t.encode()) for t in sample), 1)  # per input byte, one eod per document
     s = _resolve(s, described, tokens_per_byte)
     edges = edges_sha256(plan_chunks(described, s.chunk_bytes, s.max_compressed_chunks))
-    fingerprint = {"tokenizer": str(tok.model_path), "tokenizer_sha256": tok.sha256,
-                   "settings": s.output_settings(token_dtype(tok.vocab_size).__name__),
+    fingerprint = {**tok.fingerprint, "settings": s.output_settings(token_dtype(tok.vocab_size).__name__),
                    "inputs": [dict({k: d[k] for k in ("path", "size", "mtime_ns")}, edges_sha256=edges.get(d["path"]))
                               for d in described]}
     plan_id = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
@@ -295,10 +294,8 @@ def _run(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputD
             else:
                 new = launch.run_submitit(todo, s, plan_id, progress)
         results = {**done, **new}
-        tokenizer = {"path": str(tok.model_path), "sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                     "eod": tok.eod, "pad": tok.pad}
         unreadable = {i: f"cannot open: {d['error']}" for i, d in enumerate(described) if not d["readable"]}
-        manifest = build_manifest(described, chunks, results, fingerprint["settings"], tokenizer, unreadable)
+        manifest = build_manifest(described, chunks, results, fingerprint["settings"], tok.record, unreadable)
         if s.strict and manifest["rejected"]:  # chunks completed by an earlier non-strict run
             reason, r = next(iter(manifest["rejected"].items()))
             ex = r["examples"][0]
@@ -320,7 +317,7 @@ def _run(s: PrepSettings, tok: Tokenizer, described: list[dict], layout: OutputD
     manifest["chunk_shards_removed"] = any(not Path(f"{layout.path(x['prefix'])}.bin").exists()
                                            for x in manifest["shards"] if x["documents"])
     used = [r.get("encoder", "sentencepiece") for r in results.values()]
-    manifest["encoder"] = dict(encoder, chunks={e: used.count(e) for e in ("sentencepiece", encoders.FAST)})
+    manifest["encoder"] = dict(encoder, chunks={e: used.count(e) for e in tok.encoders})
     if (s.valid_fraction > 0 or s.valid_tokens) and manifest["splits"]["valid"]["documents"] == 0:
         raise EmptyValidError(_empty_valid(manifest["splits"]["train"], s, results))
     manifest["warnings"] = _warnings(manifest, s)

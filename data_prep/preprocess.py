@@ -1,7 +1,10 @@
 """Raw text corpus -> megatron-core .bin/.idx token shards, resumable, local or SLURM.
 
     python data_prep/preprocess.py --input PATH [PATH ...] --tokenizer MODEL --output-dir DIR \
-        [--workers N] [--launcher local|slurm] [--encoder auto] [--valid-tokens N] [--strict]
+        [--workers N] [--launcher local|slurm] [--encoder auto] [--valid-tokens N] [--strict] [--eod-token NAME]
+
+MODEL: a SentencePiece .model or a Hugging Face tokenizer.json (or a folder holding one); every
+document is its ids, then the end-of-text id (data_prep/tokenizer.py says which).
 
 Inputs: files, directories or globs of .jsonl (.ndjson), .txt (documents separated by blank
 lines), each optionally .gz/.xz/.zst/.bz2, .json.gz & co., and .parquet; files a directory holds
@@ -28,14 +31,20 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=HelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="input files, directories or globs")
-    ap.add_argument("--tokenizer", required=True, help="SentencePiece .model (data_prep/train_tokenizer.py)")
+    ap.add_argument("--tokenizer", required=True,
+                    help="SentencePiece .model (data_prep/train_tokenizer.py), or a Hugging Face tokenizer.json "
+                         "(or a folder holding one)")
+    ap.add_argument("--eod-token", default=None, metavar="NAME",
+                    help="token appended to every document (default: the tokenizer's end-of-text token: "
+                         "SentencePiece's eos, or <|endoftext|>, </s>, ... of a tokenizer.json)")
     ap.add_argument("--output-dir", required=True, help="where the shards and manifest.json go")
     ap.add_argument("--workers", type=int, default=None, help="processes per node (default: all cores)")
     ap.add_argument("--launcher", choices=LAUNCHERS, default="local",
                     help="local: this node; slurm: a SLURM job array of --nodes tasks (through submitit)")
     ap.add_argument("--encoder", choices=ENCODERS, default="auto",
-                    help="auto: fastokens where it is exact (checked against SentencePiece at start-up), "
-                         "else sentencepiece; the output is the same either way")
+                    help="auto: for a .model, fastokens where it is exact (checked against SentencePiece at "
+                         "start-up), else sentencepiece (the output is the same either way); for a tokenizer.json, "
+                         "tokenizers")
     ap.add_argument("--text-key", default="text", help="JSON key or Parquet column holding the text")
     valid = ap.add_mutually_exclusive_group()
     valid.add_argument("--valid-fraction", type=float, default=0.001,
@@ -74,7 +83,7 @@ def main(argv=None) -> int:
     log.setLevel(logging.WARNING if a.quiet else logging.INFO)
     try:
         manifest = preprocess(
-            a.input, a.tokenizer, a.output_dir, workers=a.workers, launcher=a.launcher, encoder=a.encoder,
+            a.input, a.tokenizer, a.output_dir, eod_token=a.eod_token, workers=a.workers, launcher=a.launcher, encoder=a.encoder,
             text_key=a.text_key, valid_fraction=a.valid_fraction, valid_tokens=a.valid_tokens,
             eval_length=a.eval_length, strict=a.strict, chunk_mb=a.chunk_mb,
             max_compressed_chunks=a.max_compressed_chunks, max_doc_mb=a.max_doc_mb, merge_mb=a.merge_mb,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-Encoder = Literal["auto", "sentencepiece", "fastokens"]
+Encoder = Literal["auto", "sentencepiece", "fastokens", "tokenizers"]
 Launcher = Literal["local", "slurm", "submitit-local"]
 ENCODERS: tuple[str, ...] = Encoder.__args__
 LAUNCHERS: tuple[str, ...] = Launcher.__args__
@@ -33,7 +33,9 @@ class PrepSettings:
     out_dir: str = ""
     """The output directory (absolute once the coordinator has resolved it)."""
     tokenizer: str = ""
-    """The SentencePiece .model file."""
+    """The SentencePiece .model file, or a Hugging Face tokenizer.json (data_prep/tokenizer.py)."""
+    eod_token: str | None = None
+    """The token appended to every document; None: the tokenizer's own end-of-text token."""
 
     # -- what the output bytes depend on ------------------------------------------------------
     text_key: str = "text"
@@ -54,8 +56,9 @@ class PrepSettings:
 
     # -- how the run goes (the output does not depend on these) ---------------------------------
     encoder: Encoder = "auto"
-    """auto: fastokens when it is installed, known to be exact for this model and gives
-    SentencePiece's ids on the start-up check, else sentencepiece."""
+    """auto: for a SentencePiece model, fastokens when it is installed, known to be exact for this
+    model and gives SentencePiece's ids on the start-up check, else sentencepiece; for a
+    tokenizer.json, tokenizers (the `tokenizers` library)."""
     workers: int | None = None
     """Processes per node (local) or cores per array task (slurm); None: all cores."""
     launcher: Launcher = "local"

@@ -60,7 +60,7 @@ def load_tokenizer(s: PrepSettings, encoder: str) -> Tokenizer:
     """The tokenizer with `encoder`, loaded once per process (forked workers inherit it)."""
     key = (s.tokenizer, encoder)
     if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = Tokenizer(s.tokenizer, encoder, OutputDir(s.out_dir).tokenizer_json)
+        _TOKENIZERS[key] = Tokenizer(s.tokenizer, encoder, OutputDir(s.out_dir).tokenizer_json, s.eod_token)
     return _TOKENIZERS[key]
 
 
@@ -149,8 +149,8 @@ def _tokenize(chunk: Chunk, s: PrepSettings, plan_id: str, encoder: str, progres
         tokens = 0
         for rec, ids in zip(batch, tok.encode_batch([r.text for r in batch])):
             key = int.from_bytes(hashlib.blake2b(rec.data, digest_size=8).digest(), "little")
-            if tok.encoder != "sentencepiece" and key % SPOT_CHECK == 0 and \
-                    (diff := first_difference([rec.text], [tok.sp.encode(rec.text)], [ids])):
+            if tok.encoder != tok.encoders[0] and key % SPOT_CHECK == 0 and \
+                    (diff := first_difference([rec.text], [tok.encode(rec.text)], [ids])):
                 raise EncoderMismatch(f"{tok.encoder} differs from SentencePiece at {chunk.path} line {rec.line} "
                                       f"of the chunk: {diff}")
             doc = np.empty(len(ids) + 1, dtype=dtype)  # [len + 1]: the document, then eod

@@ -582,9 +582,9 @@ def resume_changes(meta: dict, cfg: Config, tokenizer: dict, layout: Layout, all
     out = Changes()
     diffs = config_changes(meta["config"], to_dict(cfg))
     old_tok, new_tok = meta["tokenizer"], tokenizer
-    if old_tok.get("sha256") != new_tok.get("sha256"):
-        diffs.append(("tokenizer", f"{old_tok.get('path')} (sha256 {str(old_tok.get('sha256'))[:12]})",
-                      f"{new_tok.get('path')} (sha256 {str(new_tok.get('sha256'))[:12]})"))
+    if (old_tok.get("sha256"), old_tok.get("eod")) != (new_tok.get("sha256"), new_tok.get("eod")):
+        diffs.append(("tokenizer", *(f"{t.get('path')} (sha256 {str(t.get('sha256'))[:12]}, eod {t.get('eod')})"
+                                     for t in (old_tok, new_tok))))
     old_data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
     for path in sorted(set(old_data) & set(data or {})):
         if old_data[path] != data[path]:

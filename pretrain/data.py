@@ -86,8 +86,8 @@ def load_data(cfg: Config) -> TrainingData:
                       f"--valid-tokens {4 * (cfg.model.seq_length + 1)} (or a larger --valid-fraction), or set "
                       f"validation.interval=0")
     tokenizers = {str(s.path): s.manifest["tokenizer"] for s in sources}
-    if len({t["sha256"] for t in tokenizers.values()}) > 1:
-        listing = ", ".join(f"{d}: {t['path']} ({t['sha256'][:12]})" for d, t in tokenizers.items())
+    if len({(t["sha256"], t["eod"]) for t in tokenizers.values()}) > 1:
+        listing = ", ".join(f"{d}: {t['path']} ({t['sha256'][:12]}, eod {t['eod']})" for d, t in tokenizers.items())
         errors.append(f"data sources use different tokenizers ({listing}): re-tokenize them with one tokenizer")
     if errors:
         raise ConfigError(errors)
@@ -123,13 +123,13 @@ def _blend(data: TrainingData, split: str) -> tuple[list[str], list[float]] | No
 
 class _Tok:
     """What GPTDataset reads of a tokenizer (eod, pad, vocab_size), from the data manifest, so
-    training needs no SentencePiece file on the compute nodes."""
+    training needs no tokenizer file on the compute nodes."""
 
     def __init__(self, info: dict):
         self.eod = info["eod"]
         self.pad = info.get("pad", -1)
         self.vocab_size = info["vocab_size"]
-        self.unique_identifiers = {"class": "sentencepiece", "sha256": info["sha256"]}  # dataset descriptions
+        self.unique_identifiers = {"class": info.get("kind", "sentencepiece"), "sha256": info["sha256"]}  # dataset descriptions
 
 
 def build_train_dataset(cfg: Config, data: TrainingData, origin: tuple[int, int] = (0, 0)):

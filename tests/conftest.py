@@ -42,3 +42,51 @@ def pytest_unconfigure(config):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit_status)
+
+
+def _training_text(root) -> list[str]:
+    from data_prep.corpus import build_default_corpus
+
+    lines = []
+    for p in build_default_corpus(root, max_mb=0.3):
+        if p.suffix == ".txt":
+            lines += [x for x in p.read_text().splitlines() if x.strip()]
+    return lines
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_json(tmp_path_factory):
+    """A GPT-2-style byte-level BPE tokenizer.json with <|endoftext|>, trained locally (1000 ids:
+    not a multiple of 128, so a model pads its vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    root = tmp_path_factory.mktemp("bpe_json")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_training_text(root / "corpus"), trainer)
+    tok.save(str(root / "tokenizer.json"))
+    return root / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def wordpiece_tokenizer_dir(tmp_path_factory):
+    """A BERT-style WordPiece tokenizer in a folder (tokenizer.json): special tokens [PAD] [UNK]
+    [CLS] [SEP] [MASK], no end-of-text token, a template that adds [CLS] ... [SEP]."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    root = tmp_path_factory.mktemp("wordpiece")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=800, show_progress=False,
+                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator(_training_text(root / "corpus"), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
+        ("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    (root / "tok").mkdir()
+    tok.save(str(root / "tok" / "tokenizer.json"))
+    return root / "tok"

@@ -1,11 +1,12 @@
 """Export a checkpoint of ours (any TP/PP layout) to a Hugging Face model directory.
 
-    python tools/convert_to_hf.py --checkpoint RUN_DIR --output HF_DIR [--max-positions N] [--tokenizer X.model] \
+    python tools/convert_to_hf.py --checkpoint RUN_DIR --output HF_DIR [--max-positions N] [--tokenizer X] \
         [--overwrite]
 
 ALiBi -> MptForCausalLM, sinusoidal -> GPT2LMHeadModel (exact, see tools/hf_export.py), saved
-as safetensors with config.json, generation_config.json and a tokenizer that gives the same ids
-as our SentencePiece model. Load with AutoModelForCausalLM / AutoTokenizer, no remote code.
+as safetensors with config.json, generation_config.json and a tokenizer that gives the run's ids:
+our SentencePiece model converted (data_prep/hf_tokenizer.py), or the run's Hugging Face
+tokenizer.json copied byte for byte. Load with AutoModelForCausalLM / AutoTokenizer, no remote code.
 The checkpoint's model files are verified against meta.json, and the tokenizer against the
 sha256 the run recorded; either mismatch is refused. That sha256 goes into config.json
 (`tokenizer_sha256`), so that tools/eval_extrapolation.py can refuse data made with another
@@ -25,8 +26,8 @@ from pathlib import Path
 
 
 def find_tokenizer(recorded: dict, cfg) -> Path | None:
-    """The SentencePiece model whose sha256 is the one the run recorded: the path in meta.json,
-    else the one its data manifests name."""
+    """The tokenizer file (.model or tokenizer.json) whose sha256 is the one the run recorded: the
+    path in meta.json, else the one its data manifests name."""
     from data_prep.tokenizer import file_sha256
 
     candidates = [recorded.get("path")]
@@ -57,7 +58,7 @@ def check_output(output: Path, overwrite: bool) -> None:
                          "new directory")
 
 
-def save_swapped(model, tok, output: Path) -> None:
+def save_swapped(model, tok, ours, output: Path) -> None:
     """Save into a temporary directory beside `output`, then rename it into place (the old
     export, if any, is removed only after the new one is complete)."""
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +68,7 @@ def save_swapped(model, tok, output: Path) -> None:
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would stay on the export
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        ours.save_hf(tok, tmp)  # a tokenizer.json is copied byte for byte (its sha256 stays the run's)
         old = None
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old", dir=output.parent))
@@ -84,7 +85,7 @@ def convert(checkpoint: str | Path, output: str | Path, max_positions: int | Non
             tokenizer: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write the HF model (+ tokenizer) for `checkpoint` into `output`; returns `output`.
     An existing export at `output` is replaced only with `overwrite`."""
-    from data_prep.tokenizer import file_sha256
+    from data_prep.tokenizer import Tokenizer, file_sha256, tokenizer_file
     from pretrain.checkpoint import load_consolidated
 
     output = Path(output)
@@ -99,33 +100,34 @@ def convert(checkpoint: str | Path, output: str | Path, max_positions: int | Non
         if tokenizer is None:
             raise FileNotFoundError(
                 f"no tokenizer with the run's sha256 {recorded.get('sha256', '?')[:12]} found for {checkpoint} (it "
-                f"was trained with {recorded.get('path')}): pass --tokenizer X.model")
-    elif not Path(tokenizer).is_file():
-        raise FileNotFoundError(f"--tokenizer {tokenizer} does not exist")
-    elif (sha := file_sha256(tokenizer)) != recorded.get("sha256"):
+                f"was trained with {recorded.get('path')}): pass --tokenizer X.model or X/tokenizer.json")
+    elif (sha := file_sha256(tokenizer := tokenizer_file(tokenizer))) != recorded.get("sha256"):
         raise ValueError(f"--tokenizer {tokenizer} (sha256 {sha[:12]}) is not the tokenizer the "
                          f"run was trained with ({recorded.get('path')}, sha256 {recorded.get('sha256', '?')[:12]}): "
                          "pass that one; another tokenizer maps the ids to other text")
     from transformers import GenerationConfig
 
-    from data_prep.hf_tokenizer import spm_to_hf_tokenizer
     from tools.hf_export import megatron_to_hf
 
+    ours = Tokenizer(tokenizer, eod_token=recorded.get("eod_token"))
+    if ours.eod != recorded.get("eod", ours.eod):
+        raise ValueError(f"tokenizer {tokenizer}: its end-of-text id is {ours.eod}, the run's data used "
+                         f"{recorded.get('eod')}")
     model = megatron_to_hf(cfg, state_dict, max_positions)
-    tok = spm_to_hf_tokenizer(tokenizer)
+    tok = ours.to_hf()
     if len(tok) > cfg.model.vocab_size:
         raise ValueError(f"tokenizer {tokenizer} has {len(tok)} ids > model vocab_size {cfg.model.vocab_size}")
     eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos  # GPT-2 style: no pad token, pad with eos
     model.config.eos_token_id = eos
-    model.config.pad_token_id = tok.pad_token_id
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                                               do_sample=False)
+    model.config.pad_token_id = pad
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=None, do_sample=False)
     limit = getattr(model.config, "max_seq_len", None) or getattr(model.config, "n_positions", None)
     if limit:  # MPT and GPT-2 fail past it; the tokenizer then warns, naming the limit (GPT-NeoX has none)
         tok.model_max_length = limit
     model.config.tokenizer_sha256 = recorded["sha256"]  # checked by tools/eval_extrapolation.py against --data's
     model.config.tokenizer_path = str(tokenizer)
-    save_swapped(model, tok, output)
+    save_swapped(model, tok, ours, output)
     return output
 
 
@@ -145,7 +147,7 @@ def main(argv=None) -> None:
                          "this many rows; GPT-NeoX has no limit). Past it the stock HF classes fail with a tensor "
                          "size error (the exported tokenizer warns, naming the limit): export again with a larger "
                          "value")
-    ap.add_argument("--tokenizer", default=None, help="SentencePiece .model (its sha256 must be the run's); None: the one the checkpoint recorded, "
+    ap.add_argument("--tokenizer", default=None, help="SentencePiece .model or Hugging Face tokenizer.json (or its folder); its sha256 must be the run's; None: the one the checkpoint recorded, "
                          "or its data manifest names")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing export at --output (never a "
                     "directory that is not an export)")

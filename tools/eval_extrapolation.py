@@ -81,11 +81,14 @@ def check_tokenizers(paths: list[str | Path], data_dir: str | Path, manifest: di
                              f"against --data {data_dir} ({data_tok['path']}): export it with tools/convert_to_hf.py, "
                              f"or add \"tokenizer_sha256\": \"{data_tok['sha256']}\" to its config.json if it "
                              "uses that tokenizer")
-        if tok is not None and tok.get("sha256") != data_tok["sha256"]:
+        eod_differs = "eod" in tok if tok else False
+        eod_differs = eod_differs and tok["eod"] != data_tok.get("eod")  # one tokenizer.json, another --eod-token
+        if tok is not None and (tok.get("sha256") != data_tok["sha256"] or eod_differs):
             raise UsageError(f"--data {data_dir} was tokenized with {data_tok['path']} (sha256 "
-                             f"{data_tok['sha256'][:12]}) but {path} was trained with {tok.get('path')} (sha256 "
-                             f"{str(tok.get('sha256'))[:12]}): its perplexity on these ids would be meaningless; "
-                             "evaluate on data preprocessed with the model's tokenizer")
+                             f"{data_tok['sha256'][:12]}, eod {data_tok.get('eod')}) but {path} was trained with "
+                             f"{tok.get('path')} (sha256 {str(tok.get('sha256'))[:12]}, eod {tok.get('eod')}): its "
+                             "perplexity on these ids would be meaningless; evaluate on data preprocessed with the "
+                             "model's tokenizer")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""The preprocess benchmark runs end to end (tiny input, both encoders) and reports what
+"""The preprocess benchmark runs end to end (tiny input, the three encoders) and reports what
 docs/benchmarks.md uses."""
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ def test_bench_preprocess_smoke(corpus, tokenizer_model, tmp_path):
     bench = json.loads(out.read_text())
     assert [json.loads(line)["text"] for line in (tmp_path / "w" / "docs.jsonl").read_text().splitlines()] == docs
     size = bench["sets"]["docs"]["input_bytes"]
-    sp, fast = bench["results"]
-    assert (sp["preprocess"]["encoder"], fast["preprocess"]["encoder"]) == ("sentencepiece", "fastokens")
+    sp, fast, hf = bench["results"]
+    assert [r["preprocess"]["encoder"] for r in (sp, fast, hf)] == ["sentencepiece", "fastokens", "tokenizers"]
     assert fast["identical_to_sentencepiece"] is True and fast["raw"]["encoder"] == "fastokens"
-    for res in (sp, fast):
+    assert hf["identical_to_sentencepiece"] is True and hf["raw"]["encoder"] == "tokenizers"
+    for res in (sp, fast, hf):
         p, c = res["preprocess"], res["ceiling"]
         assert p["bytes"] == size and p["tokens"] > 0 and p["peak_rss_mb"] > 0 and p["coordinator_maxrss_mb"] > 0
         assert c["mb_per_s"] > 0 and p["x_ceiling"] > 0 and 0 <= p["coordinator_cpu_share"] <= 1

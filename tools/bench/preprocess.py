@@ -2,12 +2,15 @@
 
     python tools/bench/preprocess.py --tokenizer tok.model --workers 2 \
         --text-dir prose=/usr/share/doc --text-dir 'code=/usr/lib/python3.11:*.py' --text-mb 100 \
-        [--encoders sentencepiece fastokens] [--input FILE ...] [--make-corpus-mb 300] [--json out.json]
+        [--encoders sentencepiece fastokens tokenizers] [--input FILE ...] [--make-corpus-mb 300] [--json out.json]
 
 Text sets: `--text-dir NAME=DIR[:GLOB]` builds NAME.jsonl from the files under DIR (one document
 per file, .gz decompressed, binary and non-UTF-8 files skipped, sorted, up to --text-mb MB);
 `--input` benchmarks existing files as one set; `--make-corpus-mb` copies the default corpus.
 Each set is measured on its own (prose and code tokenize at different rates).
+Encoders: sentencepiece and fastokens run the .model; tokenizers (the Hugging Face `tokenizers`
+library) runs the same model converted to a tokenizer.json (data_prep/hf_tokenizer.py: the same
+ids), passed to preprocess as --tokenizer: the path a user's own tokenizer.json takes.
 
 For each set and worker count W:
   * raw rates: each encoder alone on the already-parsed documents, in memory, W forked processes
@@ -45,13 +48,14 @@ from pathlib import Path
 
 import psutil
 import sentencepiece as spm
+import tokenizers
 from rich.console import Console
 from rich.table import Table
 
 from data_prep import encoders
 from data_prep.progress import HelpFormatter
 from data_prep.readers import ChunkReader, detect_format, expand_inputs
-from data_prep.tokenizer import file_sha256
+from data_prep.tokenizer import HF_ENCODER, Tokenizer, file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,6 +147,8 @@ def _encode_share(args) -> tuple[int, float]:
     if encoder == "sentencepiece":
         sp = spm.SentencePieceProcessor(model_file=model)
         enc = lambda b: sp.encode(b, out_type="numpy", num_threads=1)  # noqa: E731
+    elif encoder == HF_ENCODER:
+        enc = Tokenizer(tokenizer_json).encode_batch  # as preprocess runs it: one thread, numpy ids
     else:
         enc = encoders.FastEncoder(tokenizer_json).encode_batch
     c0 = time.process_time()
@@ -175,6 +181,7 @@ def raw_rate(batches, text_bytes: int, encoder: str, model: str, tokenizer_json:
 
 
 def run_preprocess(paths, model: str, workers: int, encoder: str, out_dir: Path) -> dict:
+    """The CLI on `paths` with `model` (.model or tokenizer.json) and `encoder`, measured."""
     cmd = [sys.executable, "-c", _RUNNER, "--input", *map(str, paths), "--tokenizer", model,
            "--output-dir", str(out_dir), "--workers", str(workers), "--encoder", encoder, "--quiet"]
     cmd += ["--valid-fraction", "0"]  # no valid split: a small text set may put no document in it (refused)
@@ -223,8 +230,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--input", nargs="+", default=None, help="existing corpus files/dirs/globs, as one set")
     ap.add_argument("--make-corpus-mb", type=float, default=None,
                     help="a set of this many MB of copies of the default corpus")
-    ap.add_argument("--encoders", nargs="+", default=["sentencepiece", "fastokens"],
-                    choices=["sentencepiece", "fastokens"], help="encoders to run preprocess with")
+    ap.add_argument("--encoders", nargs="+", default=["sentencepiece", "fastokens", HF_ENCODER],
+                    choices=["sentencepiece", "fastokens", HF_ENCODER],
+                    help="encoders to run preprocess with (tokenizers: the model converted to a tokenizer.json)")
     ap.add_argument("--workers", type=int, nargs="+", default=[2], help="worker counts to measure")
     ap.add_argument("--repeat", type=int, default=1, help="measure every configuration this many times")
     ap.add_argument("--work-dir", type=Path, default=None, help="for the sets and outputs (default: a temp dir)")
@@ -260,7 +268,7 @@ def main(argv=None) -> None:
                 for enc in a.encoders:
                     out = work / f"out_{name}_w{w}_{enc}_r{rep}"
                     shutil.rmtree(out, ignore_errors=True)
-                    p = run_preprocess(paths, a.tokenizer, w, enc, out)
+                    p = run_preprocess(paths, tokenizer_json if enc == HF_ENCODER else a.tokenizer, w, enc, out)
                     shutil.rmtree(out)
                     sp_sha = sp_sha or (p["merged_sha256"] if enc == "sentencepiece" else None)
                     p["x_ceiling"] = p["mb_per_s"] / ceiling["input_mb_per_s"]
@@ -288,7 +296,8 @@ def main(argv=None) -> None:
     Console(width=200).print(t)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "python": platform.python_version(), "sentencepiece": spm.__version__,
-               "fastokens": encoders.fast_version(), "load_avg_before": load_before}
+               "fastokens": encoders.fast_version(), "tokenizers": tokenizers.__version__,
+               "load_avg_before": load_before}
     described = {n: {"inputs": [str(p) for p in ps], "input_bytes": sum(p.stat().st_size for p in ps)}
                  for n, ps in sets.items()}
     a.json.write_text(json.dumps({"machine": machine, "tokenizer": a.tokenizer, "sets": described,
