@@ -81,14 +81,16 @@ def check_tokenizers(paths: list[str | Path], data_dir: str | Path, manifest: di
                              f"against --data {data_dir} ({data_tok['path']}): export it with tools/convert_to_hf.py, "
                              f"or add \"tokenizer_sha256\": \"{data_tok['sha256']}\" to its config.json if it "
                              "uses that tokenizer")
-        eod_differs = "eod" in tok if tok else False
-        eod_differs = eod_differs and tok["eod"] != data_tok.get("eod")  # one tokenizer.json, another --eod-token
-        if tok is not None and (tok.get("sha256") != data_tok["sha256"] or eod_differs):
+        if tok is None:
+            continue
+        # the same tokenizer.json with another --eod-token is another tokenizer too (HF exports record no eod)
+        same_eod = tok.get("eod", data_tok.get("eod")) == data_tok.get("eod")
+        if tok.get("sha256") != data_tok["sha256"] or not same_eod:
+            eods = "" if same_eod else f", with eod {data_tok.get('eod')} here and {tok.get('eod')} in training"
             raise UsageError(f"--data {data_dir} was tokenized with {data_tok['path']} (sha256 "
-                             f"{data_tok['sha256'][:12]}, eod {data_tok.get('eod')}) but {path} was trained with "
-                             f"{tok.get('path')} (sha256 {str(tok.get('sha256'))[:12]}, eod {tok.get('eod')}): its "
-                             "perplexity on these ids would be meaningless; evaluate on data preprocessed with the "
-                             "model's tokenizer")
+                             f"{data_tok['sha256'][:12]}) but {path} was trained with {tok.get('path')} (sha256 "
+                             f"{str(tok.get('sha256'))[:12]}){eods}: its perplexity on these ids would be "
+                             "meaningless; evaluate on data preprocessed with the model's tokenizer")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
