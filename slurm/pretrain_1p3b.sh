@@ -74,6 +74,13 @@ log "start (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES nodes x $SLURM_NTA
   "master $MASTER_ADDR:$MASTER_PORT, $PYTHON $REPO/pretrain/train.py ${args[*]}"
 mkdir -p "$RUN_DIR"
 
+# Each attempt's failed tasks leave one line each here (slurm/task.sh): the first one is named.
+restarts=${SLURM_RESTART_COUNT:-0}
+export FAILURE_DIR=$RUN_DIR/failures/$SLURM_JOB_ID.$restarts
+rm -rf "$FAILURE_DIR" && mkdir -p "$FAILURE_DIR"
+newest_checkpoint() { cat "$RUN_DIR/checkpoints/latest" 2>/dev/null || echo none; }
+started_from=$(newest_checkpoint)
+
 signalled="" step=""
 forward() {  # forward a signal to the training step; srun relays it to every task
   signalled=$1
@@ -84,25 +91,66 @@ trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
 # One task per GPU (per process on CPU); the step runs in the background so the traps fire at once.
-srun --kill-on-bad-exit=1 "$PYTHON" "$REPO/pretrain/train.py" "${args[@]}" &
+srun --kill-on-bad-exit=1 "$REPO/slurm/task.sh" "$PYTHON" "$REPO/pretrain/train.py" "${args[@]}" &
 step=$!
 while kill -0 "$step" 2>/dev/null; do wait "$step"; done  # a trap interrupts `wait`: wait again
 wait "$step"  # bash keeps the exit status of a finished background job
 status=$?
 log "training step exited with status $status"
 
+lost_nodes() {  # the allocation's nodes where a one-task step cannot run (PROBE_TIMEOUT_S each)
+  local node
+  for node in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do
+    timeout "${PROBE_TIMEOUT_S:-30}" srun --nodes=1 --ntasks=1 --cpus-per-task=1 --nodelist="$node" \
+      --kill-on-bad-exit=1 true >/dev/null 2>&1 || echo "$node" &
+  done | sort | tr '\n' ' ' | sed 's/ $//'
+}
+
+first_failure() {  # the earliest line of the tasks' failure records, in words
+  local t rank node how last
+  IFS=$'\t' read -r t rank node how last < <(sort -n "$FAILURE_DIR"/rank* 2>/dev/null | head -n 1) || true
+  if [[ -n ${t:-} ]]; then
+    echo "rank $rank on node $node failed first ($how at $(date -u -d "@$t" +%T.%3N)); its last error line: $last"
+  fi
+}
+
+requeue() {  # requeue WHY...: this job goes back to the queue, same id and log
+  log "requeueing (restart $((restarts + 1)) of at most $MAX_REQUEUES): $*"
+  scontrol requeue "$SLURM_JOB_ID" ||
+    { log "requeue refused (--no-requeue or JobRequeue=0?): submit the same command again to resume"; status=1; }
+}
+
 if [[ $signalled == USR1 ]]; then
-  restarts=${SLURM_RESTART_COUNT:-0}
   if ((status != 0)); then
     log "not requeueing: the step failed after the signal (status $status); see the trainer's log above"
   elif ((restarts >= MAX_REQUEUES)); then
     log "not requeueing: already restarted $restarts times (MAX_REQUEUES=$MAX_REQUEUES); resubmit by hand to go on"
     status=1
   else
-    log "checkpoint saved: requeueing (restart $((restarts + 1)) of at most $MAX_REQUEUES);" \
-      "a 'CANCELLED ... DUE TO JOB REQUEUE' line from slurmstepd may follow: expected"
-    scontrol requeue "$SLURM_JOB_ID" ||
-      { log "requeue refused (--no-requeue or JobRequeue=0?): submit the same command again to resume"; status=1; }
+    requeue "checkpoint saved after SIGUSR1; a 'CANCELLED ... DUE TO JOB REQUEUE' line from slurmstepd may follow: expected"
   fi
+elif ((status != 0)); then
+  # A failed step. Whether the job comes back must not depend on who is faster: SLURM requeues a
+  # --requeue job for a node failure only once it has marked the node down (SlurmdTimeout), which
+  # may come after this script has exited. So decide here, explicitly:
+  first=$(first_failure)
+  lost=$(lost_nodes)
+  now=$(newest_checkpoint)
+  refused=$(cut -f5 "$FAILURE_DIR"/rank* 2>/dev/null | grep -m1 '^train.py: ' || true)
+  [[ -n $lost ]] && first="node(s) $lost lost (no step can run there)${first:+; before that was noticed: $first}"
+  if [[ $signalled == TERM ]]; then
+    log "not requeueing here: SIGTERM came from SLURM (preemption or node failure: SLURM requeues a --requeue job itself; scancel: ended)"
+  elif ((restarts >= MAX_REQUEUES)); then
+    log "not requeueing: already restarted $restarts times (MAX_REQUEUES=$MAX_REQUEUES); resubmit by hand to go on"
+  elif [[ -n $lost ]]; then
+    requeue "the allocation lost node(s) $lost; the job waits for the nodes and resumes from the newest verified checkpoint ($now)"
+  elif [[ -n $refused ]]; then
+    log "not requeueing: the trainer stopped the run itself, not a crash ($refused)"
+  elif [[ $now != "$started_from" ]]; then
+    requeue "a failed step with a newer checkpoint ($now) than this attempt started from ($started_from); a crash that repeats at the same step is not requeued again"
+  else
+    log "not requeueing: the step failed with no checkpoint newer than the one this attempt started from ($started_from), so a requeue would repeat the same crash; fix the cause and submit the same command again to resume"
+  fi
+  log "first failure: ${first:-no task left a record (see the srun errors above)}"
 fi
 exit "$status"
