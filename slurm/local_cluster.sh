@@ -50,6 +50,7 @@ daemon_pid() {  # daemon_pid DIR/NAME.pid: print the pid if it runs and is NAME*
   local pid name
   pid=$(cat "$1" 2>/dev/null) && [[ -n $pid ]] || return 1
   name=$(basename "$1" .pid)
+  name=${name%%.*}  # slurmd.n1.pid: slurmd
   [[ $(ps -o stat=,comm= -p "$pid" 2>/dev/null) =~ ^[^Z][^[:space:]]*[[:space:]]+$name ]] && echo "$pid"
 }
 alive() { daemon_pid "$1" >/dev/null; }
@@ -148,7 +149,12 @@ SlurmdPidFile=$DIR/run/slurmd.%n.pid
 SlurmdLogFile=$DIR/log/slurmd.%n.log
 SlurmdTimeout=10
 SlurmctldTimeout=10
-MessageTimeout=5
+# job ids (and so the jobs' MASTER_PORTs) apart from the one-node cluster's
+FirstJobId=2501
+# longer than KillWait: a slurmd answers a job's termination only after killing it, and an
+# answer that times out makes slurmctld send the termination again a minute later (same job
+# id: it would end the requeued job's tasks too)
+MessageTimeout=20
 KillWait=5
 NodeName=n1 NodeAddr=127.0.0.1 NodeHostname=localhost Port=$((PORT + 3)) CPUs=$cpus RealMemory=1000 State=UNKNOWN
 NodeName=n2 NodeAddr=127.0.0.1 NodeHostname=localhost Port=$((PORT + 4)) CPUs=$cpus RealMemory=1000 State=UNKNOWN
@@ -182,7 +188,7 @@ EOF
   fi
 }
 
-munge_ok() { munge -n -S "$MUNGE_SOCKET" </dev/null | unmunge -S "$MUNGE_SOCKET" >/dev/null 2>&1; }
+munge_ok() { munge -n -S "$MUNGE_SOCKET" </dev/null 2>/dev/null | unmunge -S "$MUNGE_SOCKET" >/dev/null 2>&1; }
 
 start_munge() {
   munge_ok && return 0

@@ -98,12 +98,17 @@ wait "$step"  # bash keeps the exit status of a finished background job
 status=$?
 log "training step exited with status $status"
 
-lost_nodes() {  # the allocation's nodes where a one-task step cannot run (PROBE_TIMEOUT_S each)
-  local node
-  for node in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do
-    timeout "${PROBE_TIMEOUT_S:-30}" srun --nodes=1 --ntasks=1 --cpus-per-task=1 --nodelist="$node" \
-      --kill-on-bad-exit=1 true >/dev/null 2>&1 || echo "$node" &
-  done | sort | tr '\n' ' ' | sed 's/ $//'
+lost_nodes() {  # the allocation's nodes SLURM marks down or not responding (*), else where a
+  # one-task step cannot run (PROBE_TIMEOUT_S each): a dead node is found before SlurmdTimeout
+  local lost node
+  lost=$(sinfo -h -N -n "$SLURM_JOB_NODELIST" -o '%N %t' | awk '$2 ~ /[*]$|^down|^fail/ {print $1}' | sort -u)
+  if [[ -z $lost && -z $signalled ]]; then
+    lost=$(for node in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do
+      timeout "${PROBE_TIMEOUT_S:-30}" srun --nodes=1 --ntasks=1 --cpus-per-task=1 --nodelist="$node" \
+        --kill-on-bad-exit=1 true >/dev/null 2>&1 || echo "$node" &
+    done | sort)
+  fi
+  echo $lost
 }
 
 first_failure() {  # the earliest line of the tasks' failure records, in words
@@ -137,6 +142,10 @@ elif ((status != 0)); then
   lost=$(lost_nodes)
   now=$(newest_checkpoint)
   refused=$(cut -f5 "$FAILURE_DIR"/rank* 2>/dev/null | grep -m1 '^train.py: ' || true)
+  # an attempt that lost a node, or that SLURM ended (node failure, preemption), leaves a note
+  before=$(cat "$RUN_DIR/failures/$SLURM_JOB_ID.$((restarts - 1))/ended" 2>/dev/null || true)
+  if [[ -n $lost ]]; then echo "lost node(s) $lost" >"$FAILURE_DIR/ended"
+  elif [[ -n $signalled ]]; then echo "was ended by SLURM (SIG$signalled)" >"$FAILURE_DIR/ended"; fi
   [[ -n $lost ]] && first="node(s) $lost lost (no step can run there)${first:+; before that was noticed: $first}"
   if [[ $signalled == TERM ]]; then
     log "not requeueing here: SIGTERM came from SLURM (preemption or node failure: SLURM requeues a --requeue job itself; scancel: ended)"
@@ -148,6 +157,10 @@ elif ((status != 0)); then
     log "not requeueing: the trainer stopped the run itself, not a crash ($refused)"
   elif [[ $now != "$started_from" ]]; then
     requeue "a failed step with a newer checkpoint ($now) than this attempt started from ($started_from); a crash that repeats at the same step is not requeued again"
+  elif [[ -n $before ]]; then
+    # SLURM sends the lost attempt's termination to a node that was down once it answers again,
+    # up to a minute later, and it ends this attempt's tasks there too (same job id)
+    requeue "the previous attempt $before, and SLURM's late cleanup of that attempt on a node that returns ends this one's tasks there: once more"
   else
     log "not requeueing: the step failed with no checkpoint newer than the one this attempt started from ($started_from), so a requeue would repeat the same crash; fix the cause and submit the same command again to resume"
   fi

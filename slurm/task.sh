@@ -21,7 +21,10 @@ exec 3>&-
 wait "$tee_pid" 2>/dev/null
 if ((status != 0)) && [[ -n ${FAILURE_DIR:-} ]]; then
   if ((status > 128)); then how="killed by SIG$(kill -l $((status - 128)))"; else how="exit status $status"; fi
-  last=$(grep -v '^[[:space:]]*$' "$err" | tail -n 1 | tr '\t' ' ')
+  # the last line that reads as an error (progress bars redraw with \r), else the last line
+  lines=$(tr '\r\t' '\n ' <"$err" | grep -v '^[[:space:]]*$')
+  last=$(grep -E 'Error|Exception|error|train\.py: ' <<<"$lines" | tail -n 1)
+  last=${last:-$(tail -n 1 <<<"$lines")}
   printf '%s\t%s\t%s\t%s\t%s\n' "$ended" "${SLURM_PROCID:-?}" "${SLURMD_NODENAME:-$(hostname)}" "$how" \
     "${last:-(nothing on stderr)}" >"$FAILURE_DIR/rank${SLURM_PROCID:-0}"
 fi
