@@ -91,7 +91,9 @@ trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
 # One task per GPU (per process on CPU); the step runs in the background so the traps fire at once.
-srun --kill-on-bad-exit=1 "$REPO/slurm/task.sh" "$PYTHON" "$REPO/pretrain/train.py" "${args[@]}" &
+# (srun's "Node failure on NODE" errors are also kept: a node SLURM gave up on is a lost node)
+srun --kill-on-bad-exit=1 "$REPO/slurm/task.sh" "$PYTHON" "$REPO/pretrain/train.py" "${args[@]}" \
+  2> >(tee >(grep --line-buffered -oP 'Node failure on \K\S+' >"$FAILURE_DIR/node_failures") >&2) &
 step=$!
 while kill -0 "$step" 2>/dev/null; do wait "$step"; done  # a trap interrupts `wait`: wait again
 wait "$step"  # bash keeps the exit status of a finished background job
@@ -101,7 +103,8 @@ log "training step exited with status $status"
 lost_nodes() {  # the allocation's nodes SLURM marks down or not responding (*), else where a
   # one-task step cannot run (PROBE_TIMEOUT_S each): a dead node is found before SlurmdTimeout
   local lost node
-  lost=$(sinfo -h -N -n "$SLURM_JOB_NODELIST" -o '%N %t' | awk '$2 ~ /[*]$|^down|^fail/ {print $1}' | sort -u)
+  lost=$( { sinfo -h -N -n "$SLURM_JOB_NODELIST" -o '%N %t' | awk '$2 ~ /[*]$|^down|^fail/ {print $1}'
+    cat "$FAILURE_DIR/node_failures" 2>/dev/null; } | sort -u)
   if [[ -z $lost && -z $signalled ]]; then
     lost=$(for node in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do
       timeout "${PROBE_TIMEOUT_S:-30}" srun --nodes=1 --ntasks=1 --cpus-per-task=1 --nodelist="$node" \
