@@ -91,9 +91,10 @@ trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
 # One task per GPU (per process on CPU); the step runs in the background so the traps fire at once.
-# (srun's "Node failure on NODE" errors are also kept: a node SLURM gave up on is a lost node)
+# (srun's "Node failure on NODE" errors are also kept: a node SLURM gave up on is a lost node; the
+# filter ignores the signals sent to the batch step, which would otherwise break srun's stderr)
 srun --kill-on-bad-exit=1 "$REPO/slurm/task.sh" "$PYTHON" "$REPO/pretrain/train.py" "${args[@]}" \
-  2> >(tee >(grep --line-buffered -oP 'Node failure on \K\S+' >"$FAILURE_DIR/node_failures") >&2) &
+  2> >(trap '' USR1 TERM INT; tee >(grep --line-buffered -oP 'Node failure on \K\S+' >"$FAILURE_DIR/node_failures") >&2) &
 step=$!
 while kill -0 "$step" 2>/dev/null; do wait "$step"; done  # a trap interrupts `wait`: wait again
 wait "$step"  # bash keeps the exit status of a finished background job

@@ -7,7 +7,9 @@
 set -uo pipefail
 
 err=$(mktemp)
-exec 3> >(exec tee "$err" >&2)  # stderr still reaches the job's log; a copy for the last line
+# stderr still reaches the job's log, and a copy gives the last line; tee ignores the signals that
+# SLURM sends to every process of the step (a dead tee would break the trainer's stderr)
+exec 3> >(trap '' USR1 TERM INT; exec tee "$err" >&2)
 tee_pid=$!
 "$@" 2>&3 3>&- &
 child=$!
