@@ -83,9 +83,10 @@ started_from=$(newest_checkpoint)
 
 signalled="" step=""
 forward() {  # forward a signal to the training step; srun relays it to every task
+  [[ -n $step ]] || return 0  # the step has ended (e.g. the TERM of this script's own requeue)
   signalled=$1
   log "got SIG$1: asking the trainer to checkpoint and exit"
-  [[ -n $step ]] && kill -s "$1" "$step" 2>/dev/null || true
+  kill -s "$1" "$step" 2>/dev/null || true
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
@@ -98,7 +99,7 @@ srun --kill-on-bad-exit=1 "$REPO/slurm/task.sh" "$PYTHON" "$REPO/pretrain/train.
 step=$!
 while kill -0 "$step" 2>/dev/null; do wait "$step"; done  # a trap interrupts `wait`: wait again
 wait "$step"  # bash keeps the exit status of a finished background job
-status=$?
+status=$? step=""
 log "training step exited with status $status"
 
 lost_nodes() {  # the allocation's nodes SLURM marks down or not responding (*), else where a
@@ -123,8 +124,11 @@ first_failure() {  # the earliest line of the tasks' failure records, in words
   fi
 }
 
-requeue() {  # requeue WHY...: this job goes back to the queue, same id and log
+requeue() {  # requeue WHY...: this job goes back to the queue, same id and log; the first
+  # failure, if any, is logged before: the requeue ends this script
+  requeued=1
   log "requeueing (restart $((restarts + 1)) of at most $MAX_REQUEUES): $*"
+  [[ -z ${first+x} ]] || log "first failure: ${first:-no task left a record (see the srun errors above)}"
   scontrol requeue "$SLURM_JOB_ID" ||
     { log "requeue refused (--no-requeue or JobRequeue=0?): submit the same command again to resume"; status=1; }
 }
@@ -168,6 +172,6 @@ elif ((status != 0)); then
   else
     log "not requeueing: the step failed with no checkpoint newer than the one this attempt started from ($started_from), so a requeue would repeat the same crash; fix the cause and submit the same command again to resume"
   fi
-  log "first failure: ${first:-no task left a record (see the srun errors above)}"
+  [[ -n ${requeued:-} ]] || log "first failure: ${first:-no task left a record (see the srun errors above)}"
 fi
 exit "$status"
