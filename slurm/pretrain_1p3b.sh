@@ -9,13 +9,16 @@
 #
 # Environment: CONFIG, RUN_DIR (default runs/<config name>), DATA (a data_prep/preprocess.py output
 # dir; default: the config's), EXTRA_ARGS (more train.py arguments, word-split), MAX_REQUEUES (30),
-# PYTHON (python), REPO (the checkout holding this script).
+# PROBE_TIMEOUT_S (30: the test step on each node after a failed step), PYTHON (python), REPO (the
+# checkout holding this script).
 #
 # Preemption: `--signal=B:USR1@300` sends USR1 to this shell 5 min before the time limit. The trap
 # forwards it to the training step; train.py saves a checkpoint at the next step boundary and exits 0;
 # this shell then runs `scontrol requeue`, and the requeued job (same id, same log, appended)
 # resumes from RUN_DIR's latest checkpoint. A preemption by SLURM itself (SIGTERM, then requeue
-# through --requeue) takes the same checkpoint path. See docs/slurm.md.
+# through --requeue) takes the same checkpoint path. A failed step (a crash, a lost node) is requeued
+# or not by an explicit, logged decision, and the log names the rank that failed first. See
+# docs/slurm.md.
 #
 #SBATCH --job-name=alibi-1p3b
 #SBATCH --nodes=16
