@@ -132,8 +132,15 @@ requeue() {  # requeue WHY...: this job goes back to the queue, same id and log;
   requeued=1
   log "requeueing (restart $((restarts + 1)) of at most $MAX_REQUEUES): $*"
   [[ -z ${first+x} ]] || log "first failure: ${first:-no task left a record (see the srun errors above)}"
-  scontrol requeue "$SLURM_JOB_ID" ||
-    { log "requeue refused (--no-requeue or JobRequeue=0?): submit the same command again to resume"; status=1; }
+  local err
+  if ! err=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
+    if [[ $err == *"pending execution"* ]]; then
+      log "SLURM has already requeued the job (a node failure): it comes back by itself"
+    else
+      log "requeue refused ($err; --no-requeue or JobRequeue=0?): submit the same command again to resume"
+      status=1
+    fi
+  fi
 }
 
 if [[ $signalled == USR1 ]]; then
