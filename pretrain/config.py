@@ -112,6 +112,9 @@ class TrainConfig:
     """K: this many non-finite losses in a row stop the run (after a checkpoint)."""
     log_interval: int = 10
     """Steps between metrics.jsonl / wandb records."""
+    dist_timeout_s: int = 600
+    """How long a collective waits for a peer before it fails (the process-group timeout; torch's
+    default is 30 min): when a rank or node dies, the others end within about this long."""
 
 
 @dataclass(kw_only=True)
@@ -312,7 +315,7 @@ def parallel_errors(m: ModelConfig, p: ParallelConfig) -> list[str]:
 def train_errors(cfg: Config) -> list[str]:
     """Batch, schedule and logging rules (batch divisibility needs the world size: Layout.errors)."""
     t, o, errors = cfg.train, cfg.optim, []
-    for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval", "max_bad_steps"):
+    for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval", "max_bad_steps", "dist_timeout_s"):
         if getattr(t, name) <= 0:
             errors.append(f"train.{name}={getattr(t, name)} must be positive")
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
@@ -491,7 +494,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- resuming with another config
 
-RESUME_HARMLESS = ("train.log_interval", "train.max_bad_steps", "checkpoint.", "validation.", "wandb.", "hardware.")
+RESUME_HARMLESS = ("train.log_interval", "train.max_bad_steps", "train.dist_timeout_s", "checkpoint.", "validation.", "wandb.", "hardware.")
 """Keys (or sections, ending in '.') whose change on resume leaves the trained trajectory and the
 data position exactly as they were: accepted and printed. Any other change (model, data,
 tokenizer, batch, steps, seed, optimizer, precision, kernels, recomputation) is refused unless

@@ -217,7 +217,7 @@ def train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest | None = N
     plan = preflight(cfg, env, run_dir, allow)
     layout = plan.layout
     stop = stop or StopRequest()
-    init_model_parallel(layout.tp, layout.pp, seed=cfg.train.seed, env=env)
+    init_model_parallel(layout.tp, layout.pp, seed=cfg.train.seed, env=env, timeout_s=cfg.train.dist_timeout_s)
     lock = _lock_run_dir(run_dir, env.rank)
     try:
         return _train(cfg, run_dir, env, stop, plan, allow)

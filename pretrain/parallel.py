@@ -60,6 +60,11 @@ class Layout:
         return []
 
 
+class LaunchError(RuntimeError):
+    """The launcher's variables are incomplete, or the processes did not form the world the
+    launcher promised (a split or packed launch)."""
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int
@@ -90,7 +95,7 @@ def read_env(environ: dict[str, str] | None = None) -> DistEnv:
     if "MASTER_PORT" in env and (int(env["MASTER_PORT"]) or world == 1):
         port = int(env["MASTER_PORT"]) or _free_port()
     elif "MASTER_PORT" in env:
-        raise RuntimeError(
+        raise LaunchError(
             f"rank {rank} of {world}: MASTER_PORT=0 names no port, so the ranks cannot meet (they would "
             "wait 30 min to connect); launch with `torchrun --standalone` or `--master-port N`, or export "
             "a free MASTER_PORT"
@@ -98,11 +103,68 @@ def read_env(environ: dict[str, str] | None = None) -> DistEnv:
     elif world == 1:
         port = _free_port()
     else:
-        raise RuntimeError(
+        raise LaunchError(
             f"rank {rank} of {world}: MASTER_PORT is not set; launch with torchrun, or export "
             "MASTER_ADDR and MASTER_PORT in the sbatch script before srun"
         )
     return DistEnv(rank, world, local, addr, port)
+
+
+def promised_world(environ: dict[str, str] | None = None) -> tuple[int, int, str] | None:
+    """(world size, node count, where they come from) that the launcher promised, when it says more
+    than the world size itself: torchrun started once per node inside a SLURM job (SLURM's node
+    count x torchrun's LOCAL_WORLD_SIZE). srun per rank and a bare torchrun have no second source
+    (their world size is the promise); None then."""
+    env = os.environ if environ is None else environ
+    nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")
+    if "RANK" not in env or "LOCAL_WORLD_SIZE" not in env or not nodes:
+        return None
+    per_node = int(env["LOCAL_WORLD_SIZE"])
+    return int(nodes) * per_node, int(nodes), f"{nodes} SLURM nodes x torchrun's LOCAL_WORLD_SIZE={per_node}"
+
+
+def node_name(environ: dict[str, str] | None = None) -> str:
+    """This task's node: SLURM's name for it (several SLURM nodes may share one host name), else
+    the host name."""
+    env = os.environ if environ is None else environ
+    return env.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def check_world(env: DistEnv, environ: dict[str, str] | None = None) -> None:
+    """No silent split world: the world size matches the launcher's promise (checked before the
+    rendezvous, `promised_world`) and, once joined, (node, local rank) pairs are unique and span
+    the promised nodes. Raises LaunchError naming both numbers and the likely cause."""
+    promised = promised_world(environ)
+    if promised is not None and promised[0] != env.world_size:
+        raise LaunchError(
+            f"rank {env.rank}: joining a world of {env.world_size} ranks, but the launcher promised "
+            f"{promised[0]} ({promised[2]}): the nodes would train as separate worlds. Likely cause: "
+            "torchrun's --nnodes/--node-rank (or --standalone) on each node, a MASTER_ADDR computed on each "
+            "node instead of once, or a c10d vs static rendezvous mix; start one torchrun per node with "
+            f"--nnodes {promised[1]} and the same --master-addr")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    me = (node_name(environ), env.local_rank)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, me)
+    seen: dict[tuple[str, int], int] = {}
+    for rank, pair in enumerate(everyone):
+        if tuple(pair) in seen:
+            raise LaunchError(
+                f"rank {env.rank}: ranks {seen[tuple(pair)]} and {rank} are both local rank {pair[1]} on node "
+                f"{pair[0]} (a world of {len(everyone)} ranks on {len({p[0] for p in everyone})} node(s)"
+                + (f", {promised[1]} promised" if promised else "") + "): two launches on one node joined one "
+                "world. Likely cause: more than one torchrun per node (srun without --ntasks-per-node=1), or "
+                "the same --node-rank given to two nodes")
+        seen[tuple(pair)] = rank
+    nodes = len({p[0] for p in everyone})
+    if promised is not None and nodes != promised[1]:
+        raise LaunchError(
+            f"rank {env.rank}: the world of {len(everyone)} ranks spans {nodes} node(s), but the launcher "
+            f"promised {promised[1]} ({promised[2]}): likely more than one torchrun on a node; start one "
+            "per node (srun --ntasks-per-node=1)")
 
 
 def use_gpu() -> bool:
@@ -127,16 +189,18 @@ def cuda_device(local_rank: int, visible: int) -> int:
     return local_rank % visible
 
 
-def _start_process_group(env: DistEnv) -> None:
+def _start_process_group(env: DistEnv, timeout_s: float = 1800) -> None:
     """The default process group (nccl on GPU, gloo on CPU), this task's GPU selected first. The
     launcher variables are also exported, since DeepSpeed's init_distributed reads them and then
-    finds this group running; the engine gets the same GPU (`torch.cuda.current_device()`)."""
+    finds this group running; the engine gets the same GPU (`torch.cuda.current_device()`).
+    `timeout_s`: how long a collective (and the rendezvous) waits for a missing peer."""
     import torch
     import torch.distributed as dist
 
     gpu = use_gpu()
     if gpu:
         torch.cuda.set_device(cuda_device(env.local_rank, torch.cuda.device_count()))
+    check_world(env)  # before the rendezvous: a split world must not start
     os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
                       RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
     dist.init_process_group(
@@ -144,8 +208,9 @@ def _start_process_group(env: DistEnv) -> None:
         init_method=f"tcp://{env.master_addr}:{env.master_port}",
         rank=env.rank,
         world_size=env.world_size,
-        timeout=timedelta(minutes=30),
+        timeout=timedelta(seconds=timeout_s),
     )
+    check_world(env)
 
 
 def seed_rng(seed: int) -> None:
@@ -161,12 +226,14 @@ def seed_rng(seed: int) -> None:
         tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
-def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, env: DistEnv | None = None) -> None:
+def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, env: DistEnv | None = None,
+                        timeout_s: float = 1800) -> None:
     """Join or start torch.distributed, build megatron-core's parallel_state groups for tp x pp
     (data parallel = world / (tp x pp)), then seed.
 
     Without a running process group one is started from `env` (default: the launcher's,
-    `read_env()`: torchrun, srun, or a single process on a free port). Calling it again with
+    `read_env()`: torchrun, srun, or a single process on a free port), with `timeout_s` for its
+    collectives, and the world it joined is checked against the launcher's (`check_world`). Calling it again with
     another tp/pp rebuilds megatron's groups on the same process group (tests, tools)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -175,7 +242,7 @@ def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, env: Dist
 
     apply_cpu_compat()
     if not dist.is_initialized():
-        _start_process_group(env or read_env())
+        _start_process_group(env or read_env(), timeout_s)
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tp x pp = {tp} x {pp}")

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     stop = None if args.dry_run else StopRequest()  # before the slow imports: no signal is lost
 
-    from pretrain.parallel import Layout, read_env
+    from pretrain.parallel import LaunchError, Layout, read_env
 
     try:
         cfg = build_config(args)
@@ -104,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
                                    f"{cfg.hardware.gpu_memory_gb:g}: lower train.micro_batch_size, set "
                                    "train.activation_checkpointing=true, raise zero_stage or tensor_parallel"])
             return 0
-        env = read_env()
         from pretrain.checkpoint import CheckpointError
         from pretrain.data import DamagedShardError
         from pretrain.loop import TrainingError, train
@@ -112,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
 
         run_dir = Path(args.run_dir or Path("outputs") / Path(args.config).stem)
         try:
-            return train(cfg, run_dir, env, stop, allow)
+            return train(cfg, run_dir, read_env(), stop, allow)
         except (TrainingError, DamagedShardError) as e:
             print(f"train.py: {e}", file=sys.stderr)
             return 1
-        except (CheckpointError, RunDirError) as e:
+        except (CheckpointError, RunDirError, LaunchError) as e:
             print(f"train.py: {e}", file=sys.stderr)
             return 2
     except ConfigError as e:

@@ -1,24 +1,47 @@
 #!/usr/bin/env bash
-# A real one-node SLURM (controller, node daemon, accounting) on a Debian machine, for the tests
-# and for trying slurm/*.sh locally. Idempotent: a second `start` with the cluster up returns at once.
+# A real SLURM (controller, node daemons, accounting) on one Debian machine, for the tests and for
+# trying slurm/*.sh locally: one node (the machine), or two (`--nodes 2`: two slurmd on 127.0.0.1,
+# n1 and n2, sharing the machine's cores). Idempotent: `start` with the cluster up returns at once.
 #
-#   sudo slurm/local_cluster.sh [start]   # install missing Debian packages, start, wait until idle
-#   sudo slurm/local_cluster.sh stop      # stop the daemons this script started
-#   slurm/local_cluster.sh status         # exit 0 when the node is up
-#   slurm/local_cluster.sh env            # print `export SLURM_CONF=...` for your shell
+#   sudo slurm/local_cluster.sh [--nodes 2] [start]   # install missing Debian packages, start, wait until idle
+#   sudo slurm/local_cluster.sh [--nodes 2] stop      # stop the daemons this script started
+#   slurm/local_cluster.sh [--nodes 2] status         # one line; exit 0 when nodes and accounting are up
+#   slurm/local_cluster.sh [--nodes 2] env            # print `export SLURM_CONF=...` for your shell
 #
-# State, config and logs live in $SLURM_LOCAL_DIR (default /tmp/alibi-slurm). No systemd: the daemons
-# (munged, mariadbd, slurmdbd, slurmctld, slurmd) run in the background as plain processes.
+# Each cluster has its own state, config and logs in $SLURM_LOCAL_DIR (default /tmp/alibi-slurm for
+# one node, /tmp/alibi-slurm-2n for two) and its own ports (one node: SLURM's defaults 6817-6819 and
+# MariaDB on 6820; two nodes: 7817-7822 and its own munged socket), so both can run at once.
+# No systemd: the daemons (munged, mariadbd, slurmdbd, slurmctld, slurmd) run as plain processes.
 # Accounting (slurmdbd + MariaDB) is there because submitit reads job states through `sacct`.
 # Exit status 3 means "cannot run here" (not root, or packages missing and no apt-get): tests skip.
 set -euo pipefail
 
-DIR=${SLURM_LOCAL_DIR:-/tmp/alibi-slurm}
-DB_PORT=${SLURM_LOCAL_DB_PORT:-6820}
-CLUSTER=alibi
-export SLURM_CONF=$DIR/etc/slurm.conf
+NODES=1 ACTION=start
+while (($#)); do
+  case $1 in
+    --nodes) NODES=${2:?--nodes needs 1 or 2}; shift 2 ;;
+    --nodes=*) NODES=${1#*=}; shift ;;
+    *) ACTION=$1; shift ;;
+  esac
+done
+[[ $NODES == 1 || $NODES == 2 ]] || { echo "local_cluster: --nodes $NODES: only 1 or 2 nodes" >&2; exit 2; }
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server mariadb-client)
-HOST=$(hostname -s)
+if ((NODES == 1)); then
+  DIR=${SLURM_LOCAL_DIR:-/tmp/alibi-slurm}
+  DB_PORT=${SLURM_LOCAL_DB_PORT:-6820}
+  CLUSTER=alibi
+  HOST=$(hostname -s)
+  NODE_NAMES=("$HOST")
+  MUNGE_SOCKET=/run/munge/munge.socket.2  # the machine's munged, started if none runs
+else
+  DIR=${SLURM_LOCAL_DIR:-/tmp/alibi-slurm-2n}
+  PORT=${SLURM_LOCAL_PORT:-7817}  # slurmctld; slurmdbd +1, MariaDB +2, slurmd n1 +3, n2 +4
+  DB_PORT=$((PORT + 2))
+  CLUSTER=alibi2n
+  NODE_NAMES=(n1 n2)
+  MUNGE_SOCKET=$DIR/munge/munge.socket  # its own munged: stopping another cluster never cuts this one off
+fi
+export SLURM_CONF=$DIR/etc/slurm.conf
 
 log() { echo "local_cluster: $*" >&2; }
 cannot() { log "$*"; exit 3; }
@@ -27,10 +50,16 @@ daemon_pid() {  # daemon_pid DIR/NAME.pid: print the pid if it runs and is NAME*
   local pid name
   pid=$(cat "$1" 2>/dev/null) && [[ -n $pid ]] || return 1
   name=$(basename "$1" .pid)
+  name=${name%%.*}  # slurmd.n1.pid: slurmd
   [[ $(ps -o stat=,comm= -p "$pid" 2>/dev/null) =~ ^[^Z][^[:space:]]*[[:space:]]+$name ]] && echo "$pid"
 }
 alive() { daemon_pid "$1" >/dev/null; }
-node_up() { [[ $(timeout 5 sinfo -h -n "$HOST" -o %t 2>/dev/null) =~ ^(idle|mix|alloc) ]]; }
+node_state() { timeout 5 sinfo -h -N -n "$1" -o %t 2>/dev/null | head -n 1; }
+node_up() {  # every node answers and can take jobs
+  local n
+  for n in "${NODE_NAMES[@]}"; do [[ $(node_state "$n") =~ ^(idle|mix|alloc) ]] || return 1; done
+}
+accounting_up() { timeout 10 sacctmgr -n list cluster >/dev/null 2>&1; }
 wait_for() {  # wait_for SECONDS WHAT COMMAND...: poll every 0.2 s
   local deadline=$((SECONDS + $1)) what=$2; shift 2
   until "$@" >/dev/null 2>&1; do
@@ -64,23 +93,17 @@ install_packages() {
 
 write_config() {
   mkdir -p "$DIR"/{etc,log,run,state,spool,db,munge}
-  local node
-  node=$(slurmd -C | head -n 1)  # NodeName=vm CPUs=2 Boards=1 ... RealMemory=23960
-  cat >"$SLURM_CONF" <<EOF
-# Written by slurm/local_cluster.sh: one node, fast scheduling and requeue (see docs/slurm.md).
-ClusterName=$CLUSTER
-SlurmctldHost=$HOST(127.0.0.1)
-SlurmUser=root
+  local auth="" common nodes
+  [[ $NODES == 1 ]] || auth=",socket=$MUNGE_SOCKET"
+  # shared by both shapes; cred_expire=10: a requeued job can start as soon as the old job's
+  # credential expires (default 120 s)
+  common="SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# a requeued job can start as soon as the old job's credential expires (default 120 s)
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=10$auth
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -96,14 +119,56 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 MinJobAge=300
+InactiveLimit=0"
+  if ((NODES == 1)); then
+    local node
+    node=$(slurmd -C | head -n 1)  # NodeName=vm CPUs=2 Boards=1 ... RealMemory=23960
+    nodes="ClusterName=$CLUSTER
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmdSpoolDir=$DIR/spool
+SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdLogFile=$DIR/log/slurmd.log
 KillWait=10
-InactiveLimit=0
 $node NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-EOF
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+  else
+    # Two slurmd on one machine (Debian's slurmd is built with multiple-slurmd; %n is the node
+    # name). CPUs need not match the hardware (config_overrides): both nodes share the real cores.
+    # SlurmdTimeout=10: a node that stops answering is marked down ~15 s later.
+    local cpus=$(($(nproc) < 2 ? 2 : $(nproc)))
+    nodes="ClusterName=$CLUSTER
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort=$PORT
+SlurmdPort=$((PORT + 3))
+AccountingStoragePort=$((PORT + 1))
+# the munged socket for talking to slurmdbd (AuthInfo's is not used for that)
+AccountingStoragePass=$MUNGE_SOCKET
+SlurmdParameters=config_overrides
+SlurmdSpoolDir=$DIR/spool/%n
+SlurmdPidFile=$DIR/run/slurmd.%n.pid
+SlurmdLogFile=$DIR/log/slurmd.%n.log
+SlurmdTimeout=10
+SlurmctldTimeout=10
+# job ids (and so the jobs' MASTER_PORTs) apart from the one-node cluster's
+FirstJobId=2501
+# longer than KillWait: a slurmd answers a job's termination only after killing it, and an
+# answer that times out makes slurmctld send the termination again a minute later (same job
+# id: it would end the requeued job's tasks too)
+MessageTimeout=20
+KillWait=5
+NodeName=n1 NodeAddr=127.0.0.1 NodeHostname=localhost Port=$((PORT + 3)) CPUs=$cpus RealMemory=1000 State=UNKNOWN
+NodeName=n2 NodeAddr=127.0.0.1 NodeHostname=localhost Port=$((PORT + 4)) CPUs=$cpus RealMemory=1000 State=UNKNOWN
+PartitionName=main Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP"
+    mkdir -p "$DIR"/spool/{n1,n2}
+  fi
+  printf '# Written by slurm/local_cluster.sh: %s node(s), fast scheduling and requeue (see docs/slurm.md).\n%s\n%s\n' \
+    "$NODES" "$nodes" "$common" >"$SLURM_CONF"
   local dbd=$DIR/etc/slurmdbd.conf
-  cat >"$dbd" <<EOF
-AuthType=auth/munge
+  {
+    echo "AuthType=auth/munge"
+    [[ -z $auth ]] || echo "AuthInfo=${auth#,}"
+    [[ $NODES == 1 ]] || echo "DbdPort=$((PORT + 1))"
+    cat <<EOF
 DbdHost=localhost
 SlurmUser=root
 LogFile=$DIR/log/slurmdbd.log
@@ -115,20 +180,24 @@ StorageUser=slurm
 StoragePass=slurm
 StorageLoc=slurm_acct_db
 EOF
+  } >"$dbd"
   chmod 600 "$dbd"
   # plain `sinfo` works without SLURM_CONF when no other SLURM owns /etc/slurm/slurm.conf
-  if [[ ! -e /etc/slurm/slurm.conf || -L /etc/slurm/slurm.conf ]] && [[ -d /etc/slurm ]]; then
+  if ((NODES == 1)) && [[ ! -e /etc/slurm/slurm.conf || -L /etc/slurm/slurm.conf ]] && [[ -d /etc/slurm ]]; then
     ln -sfn "$SLURM_CONF" /etc/slurm/slurm.conf
   fi
 }
 
+munge_ok() { munge -n -S "$MUNGE_SOCKET" </dev/null 2>/dev/null | unmunge -S "$MUNGE_SOCKET" >/dev/null 2>&1; }
+
 start_munge() {
-  [[ -S /run/munge/munge.socket.2 ]] && munge -n </dev/null >/dev/null 2>&1 && return 0
+  munge_ok && return 0
   install -d -o munge -g munge -m 0755 /run/munge
   chown munge:munge "$DIR/munge"
   [[ -s /etc/munge/munge.key ]] || { mungekey --create --keyfile=/etc/munge/munge.key && chown munge:munge /etc/munge/munge.key; }
-  runuser -u munge -- munged --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" --force
-  wait_for 10 munged munge -n
+  runuser -u munge -- munged --socket="$MUNGE_SOCKET" --pid-file="$DIR/munge/munged.pid" \
+    --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munged.seed" --force
+  wait_for 10 munged munge_ok
 }
 
 start_mariadb() {
@@ -146,37 +215,53 @@ start_mariadb() {
     GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
 }
 
+slurmd_pidfile() {  # slurmd_pidfile NODE
+  if ((NODES == 1)); then echo "$DIR/run/slurmd.pid"; else echo "$DIR/run/slurmd.$1.pid"; fi
+}
+
+daemons_up() {
+  local n
+  alive "$DIR/run/slurmctld.pid" && alive "$DIR/run/slurmdbd.pid" || return 1
+  for n in "${NODE_NAMES[@]}"; do alive "$(slurmd_pidfile "$n")" || return 1; done
+}
+
 start() {
-  if alive "$DIR/run/slurmctld.pid" && alive "$DIR/run/slurmd.pid" && node_up && sacctmgr -n list cluster >/dev/null 2>&1; then log "already running ($SLURM_CONF)"; return 0; fi
+  if daemons_up && node_up && accounting_up; then log "already running ($SLURM_CONF)"; return 0; fi
   ((EUID == 0)) || cannot "the cluster is not running and starting its daemons needs root: sudo $0 start"
   install_packages
-  local t0=$SECONDS
+  local t0=$SECONDS n
   write_config
   start_munge
   start_mariadb
   alive "$DIR/run/slurmdbd.pid" || slurmdbd </dev/null >>"$DIR/log/slurmdbd.out" 2>&1
-  wait_for 30 slurmdbd sacctmgr -n list cluster
+  wait_for 30 slurmdbd accounting_up
   [[ -n $(sacctmgr -n -P list cluster format=cluster "cluster=$CLUSTER") ]] || sacctmgr -i add cluster "$CLUSTER" >/dev/null
   alive "$DIR/run/slurmctld.pid" || slurmctld </dev/null >>"$DIR/log/slurmctld.out" 2>&1
-  alive "$DIR/run/slurmd.pid" || slurmd </dev/null >>"$DIR/log/slurmd.out" 2>&1
+  for n in "${NODE_NAMES[@]}"; do
+    alive "$(slurmd_pidfile "$n")" && continue
+    if ((NODES == 1)); then slurmd; else slurmd -N "$n"; fi </dev/null >>"$DIR/log/slurmd.$n.out" 2>&1
+  done
   sleep 1
-  # a job still completing when the daemons were killed leaves the node 'comp' (or down) in the
+  # a job still completing when the daemons were killed leaves a node 'comp' (or down) in the
   # saved state, and every job then waits on it: no job can run here yet, so clear it
-  if [[ $(timeout 5 sinfo -h -n "$HOST" -o %t 2>/dev/null) =~ ^(comp|down|drain) ]]; then
-    scontrol update nodename="$HOST" state=down reason="local_cluster.sh restart" &&
-      scontrol update nodename="$HOST" state=resume && log "cleared node $HOST left over from a stopped job"
-  fi
-  wait_for 30 "node $HOST" node_up
+  for n in "${NODE_NAMES[@]}"; do
+    if [[ $(node_state "$n") =~ ^(comp|down|drain) ]]; then
+      scontrol update nodename="$n" state=down reason="local_cluster.sh restart" &&
+        scontrol update nodename="$n" state=resume && log "cleared node $n left over from a stopped job"
+    fi
+  done
+  wait_for 30 "nodes ${NODE_NAMES[*]}" node_up
   log "ready in $((SECONDS - t0)) s: export SLURM_CONF=$SLURM_CONF"
 }
 
 stop() {
-  local pidfile pid
+  local pidfile pid n pidfiles=()
   if alive "$DIR/run/slurmctld.pid" && [[ -n $(squeue -h -o %A 2>/dev/null) ]]; then
     scancel --full $(squeue -h -o %A) 2>/dev/null  # jobs end before their daemons do
     for _ in $(seq 100); do [[ -z $(squeue -h -o %A 2>/dev/null) ]] && break; sleep 0.1; done
   fi
-  for pidfile in "$DIR"/run/slurmd.pid "$DIR"/run/slurmctld.pid "$DIR"/run/slurmdbd.pid \
+  for n in "${NODE_NAMES[@]}"; do pidfiles+=("$(slurmd_pidfile "$n")"); done
+  for pidfile in "${pidfiles[@]}" "$DIR"/run/slurmctld.pid "$DIR"/run/slurmdbd.pid \
     "$DIR"/db/mariadb.pid "$DIR"/munge/munged.pid; do
     pid=$(daemon_pid "$pidfile") || continue
     kill "$pid"
@@ -185,10 +270,24 @@ stop() {
   done
 }
 
-case ${1:-start} in
+status() {  # one line: each node's state and whether accounting answers; exit 0 when all are up
+  local n states="" ok=0 acct="accounting up (slurmdbd, mariadbd)"
+  for n in "${NODE_NAMES[@]}"; do states+=" $n=$(node_state "$n" || true)"; done
+  node_up || ok=1
+  if ! accounting_up; then
+    ok=1 acct="accounting DOWN:"
+    alive "$DIR/run/slurmdbd.pid" || acct+=" slurmdbd not running"
+    alive "$DIR/db/mariadb.pid" || acct+=" mariadbd not running"
+    acct+=" (sacct and submitit cannot see jobs; restart: sudo $0 --nodes $NODES start)"
+  fi
+  echo "local_cluster ($NODES node(s), $SLURM_CONF):$states; $acct"
+  return $ok
+}
+
+case $ACTION in
   start) start ;;
   stop) stop ;;
-  status) node_up ;;
+  status) status ;;
   env) echo "export SLURM_CONF=$SLURM_CONF" ;;
-  *) echo "usage: $0 [start|stop|status|env]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--nodes 1|2] [start|stop|status|env]" >&2; exit 2 ;;
 esac

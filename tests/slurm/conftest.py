@@ -1,4 +1,5 @@
-"""A real one-node SLURM for the tests, started once per session by slurm/local_cluster.sh.
+"""A real one-node SLURM (`slurm`) and a two-node one (`slurm2`: n1 and n2 on this machine, its
+own directory and ports) for the tests, each started once per session by slurm/local_cluster.sh.
 
 Tests skip only where the daemons cannot start here (the script exits 3: not root, or the
 packages are missing and cannot be installed); any other start failure is a test error with
@@ -56,26 +57,42 @@ class Slurm:
         pytest.fail(f"job {job_id} not done after {timeout} s: {self.job(job_id)}")
 
 
-@pytest.fixture(scope="session")
-def slurm():
-    """Start the cluster (idempotent) and yield a client; stop it again if this session started it."""
+def cluster(nodes: int):
+    """Start the cluster of `nodes` nodes (idempotent), check that its nodes and accounting are up
+    (one line from `status`, instead of a test failing later on an empty `sacct`), yield a
+    client, and stop it again if this session started it."""
     # jobs run with --export=ALL: leave out what an in-process distributed test may have set
-    leaked = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    leaked = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_CONF")
     env = {k: v for k, v in os.environ.items() if k not in leaked}
-    was_up = subprocess.run([str(SCRIPT), "status"], env=env, capture_output=True).returncode == 0
+    script = [str(SCRIPT), "--nodes", str(nodes)]
+    was_up = subprocess.run([*script, "status"], env=env, capture_output=True).returncode == 0
     t0 = time.monotonic()
-    out = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([*script, "start"], env=env, capture_output=True, text=True, timeout=300)
     if out.returncode == 3:
         pytest.skip(f"no SLURM on this machine: {out.stderr.strip()}")
     if out.returncode != 0:
         pytest.fail(f"slurm/local_cluster.sh start failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    status = subprocess.run([*script, "status"], env=env, capture_output=True, text=True)
+    if status.returncode != 0:
+        pytest.fail(status.stdout.strip())
     env["SLURM_CONF"] = subprocess.run(
-        [str(SCRIPT), "env"], env=env, capture_output=True, text=True, check=True
+        [*script, "env"], env=env, capture_output=True, text=True, check=True
     ).stdout.split("=", 1)[1].strip()
-    print(f"SLURM ready in {time.monotonic() - t0:.1f} s ({'was running' if was_up else 'started'})")
+    print(f"SLURM ({nodes} node(s)) ready in {time.monotonic() - t0:.1f} s ({'was running' if was_up else 'started'})")
     yield Slurm(env)
     if not was_up:
-        subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, timeout=60)
+        subprocess.run([*script, "stop"], env=env, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    yield from cluster(1)
+
+
+@pytest.fixture(scope="session")
+def slurm2():
+    """The two-node cluster: nodes n1 and n2 (two slurmd on 127.0.0.1, sharing the cores)."""
+    yield from cluster(2)
 
 
 @pytest.fixture(scope="session")
