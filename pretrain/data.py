@@ -149,7 +149,10 @@ def build_train_dataset(cfg: Config, data: TrainingData, origin: tuple[int, int]
         reset_attention_mask=False,
         eod_mask_loss=cfg.data.eod_mask_loss,
         create_attention_mask=False,  # the model builds its causal mask / ALiBi bias itself
-        path_to_cache=None,  # indices are rebuilt in memory on every rank: no shared-FS race
+        # "" (not None, which megatron reads as <prefix>/cache/ inside the data directory): the
+        # indices are built in memory on every rank, nothing is written beside the shards, and no
+        # cache keyed by path and settings (not contents) survives data regenerated in place
+        path_to_cache="",
     )
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None], lambda: True, config).build()
     return train

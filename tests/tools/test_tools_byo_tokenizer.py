@@ -7,7 +7,6 @@ exported model generates; evaluation, export and resume refuse another tokenizer
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from data_prep.preprocess import preprocess
 from data_prep.tokenizer import file_sha256
+from tools.jobs import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny_alibi.yaml"
@@ -43,8 +43,8 @@ def bpe_data(corpus, bpe_tokenizer_json, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(bpe_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("byo_run") / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", WANDB_MODE="offline",
-               OMP_NUM_THREADS="1")
+    env = child_env(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", WANDB_MODE="offline",
+                    OMP_NUM_THREADS="1")  # without an in-process test's rendezvous (its MASTER_PORT is taken)
     r = subprocess.run([sys.executable, "pretrain/train.py", "--config", str(TINY), "--data", str(bpe_data),
                         "--run-dir", str(run), "--steps", "40", "--log-interval", "1", "--save-interval", "40",
                         "model.vocab_size=1024", "train.global_batch_size=8", "train.micro_batch_size=8",

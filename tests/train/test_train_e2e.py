@@ -282,6 +282,26 @@ def test_train_data_blend_is_deterministic_and_weighted(tiny_data):
     assert share[1] == pytest.approx(0.75, abs=0.02)
 
 
+def test_train_data_directory_is_only_read(tiny_data, tmp_path):
+    """Building the training samples writes nothing into the data directory: megatron-core's
+    default index cache (<prefix>/cache/, keyed by path and settings, not contents) would outlive
+    data regenerated in place, fail on read-only data, and make the shards directory differ from
+    a fresh preprocess of the same inputs."""
+    import shutil
+
+    from pretrain.config import DataSource, load_config
+    from pretrain.data import build_train_dataset, load_data
+
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    cfg = load_config(TINY, ["train.steps=20", "train.global_batch_size=8"])
+    cfg.data.sources = [DataSource(path=str(data), weight=1.0)]
+    assert len(build_train_dataset(cfg, load_data(cfg))) >= 160  # whole epochs of one source
+    cfg.data.sources = [DataSource(path=str(data), weight=1.0), DataSource(path=str(data), weight=3.0)]
+    assert len(build_train_dataset(cfg, load_data(cfg))) == 160  # the blended dataset's own index too
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
 def test_train_data_with_an_incomplete_shard_is_refused_before_training(tiny_data, tmp_path):
     """A data directory whose merged shard is shorter than its manifest says (an interrupted
     copy) is refused by the preflight data check, naming the file, not read mid-run."""
