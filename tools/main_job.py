@@ -1,4 +1,4 @@
-"""The main job: the whole pipeline on a CPU in about 10 minutes, ending in the paper's Figure 1.
+"""The main job: the whole pipeline on a CPU in about 5 minutes, ending in the paper's Figure 1.
 
     python tools/main_job.py [--output outputs/main_job] [--quick] [--fresh]
 
