@@ -251,11 +251,12 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
     layout, tokenizer = plan.layout, plan.data.tokenizer
     trainer = Trainer(cfg, layout)
     resumed = checkpoint.resume(trainer, plan.checkpoints)  # None: a fresh run (or checkpoint.enabled off)
+    data_id = fingerprint(plan.data)  # recorded in every checkpoint, compared on a fallback resume
     changes, meta = plan.changes, {}
     if resumed is not None:
         ckpt, meta = resumed
         if ckpt != plan.checkpoints.usable[0][0]:  # fell back: the diff is against another checkpoint
-            changes = checkpoint.resume_changes(meta, cfg, tokenizer, layout, allow, fingerprint(plan.data))
+            changes = checkpoint.resume_changes(meta, cfg, tokenizer, layout, allow, data_id)
             if changes.refused:
                 raise checkpoint.CheckpointError("; ".join(f"cannot resume {ckpt}: {p}" for p in changes.refused))
     step, bad_in_row, skipped = meta.get("step", 0), meta.get("bad_in_row", 0), meta.get("skipped_total", 0)
@@ -280,7 +281,6 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
     logger.describe_run({"attention_kernel": trainer.attention_kernel, "device": accelerator_device(),
                          "precision": "bf16" if trainer.engine.bfloat16_enabled() else "fp32"})
     last_ckpt = resumed[0] if resumed is not None else None
-    data_id = fingerprint(plan.data)
 
     def save(at: int) -> None:
         nonlocal last_ckpt
