@@ -68,17 +68,16 @@ def test_slurm_preprocess_sh_retries_a_failed_task(slurm, corpus_and_tokenizer, 
         assert time.monotonic() < deadline and slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), \
             log.read_text()
         time.sleep(0.2)
-    # A task is RUNNING before its batch script has started the step that runs the python (srun,
-    # step .0; the .batch step comes first): a signal sent then reaches no process, and the task
-    # goes on to finish. Wait for step .0.
-    while f"{running[0]}.0" not in slurm.run("squeue", "-h", "-s", "-j", running[0], "-o", "%i").split():
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
     # The task dies at once, as on a node failure. Not `--signal=KILL`: SLURM turns that into a
     # cancel (SIGTERM, which submitit's task ignores, then SIGKILL after KillWait), and a task
     # that finishes its chunks inside KillWait (they take seconds) then counts as done. SIGABRT
-    # is delivered as it is and ends the python at once.
-    slurm.run("scancel", "--signal=ABRT", running[0])
+    # is delivered as it is and ends the python at once. But a task is RUNNING before its python
+    # exists (the .batch step, then srun's step .0 launching it): a signal sent then reaches no
+    # process and the task goes on to finish. So signal until the task has left the queue.
+    while running[0] in slurm.run("squeue", "-h", "-r", "-n", "preprocess", "-o", "%i").split():
+        assert time.monotonic() < deadline, log.read_text()
+        slurm.run("scancel", "--signal=ABRT", running[0], check=False)
+        time.sleep(0.2)
     info = slurm.wait(job, 180)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text
