@@ -56,15 +56,15 @@ import torch
 import torch.distributed as dist
 
 from pretrain import reshard
-from pretrain.config import RESUME_HARMLESS, Config, config_changes, from_dict, to_dict
-from pretrain.parallel import Layout, accelerator_device, seed_rng
+from pretrain.config import Config, from_dict, to_dict
+from pretrain.layout import Layout
+from pretrain.parallel import accelerator_device, seed_rng
+from pretrain.resume import layout_change
 from pretrain.rundir import write_atomic
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 HASH = "xxh3_128"
-SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "position",
-                "bidirectional")
 STEP_DIR = re.compile(r"step_\d{8}")
 META_HASH = "meta.json." + HASH
 MAX_WORLD = 1 << 20
@@ -451,7 +451,7 @@ def _meta_problems(ckpt: Path, meta: dict) -> list[str]:
     else:
         sizes = {k: lay.get(k) for k in ("world_size", "tensor_parallel", "pipeline_parallel")}
         bad = [f"layout.{k}={v!r}" for k, v in sizes.items() if not _count(v, 1, MAX_WORLD)]
-        if not bad and sizes["world_size"] % (sizes["tensor_parallel"] * sizes["pipeline_parallel"]):
+        if not bad and Layout.errors(sizes["world_size"], sizes["tensor_parallel"], sizes["pipeline_parallel"]):
             bad.append(f"layout.world_size={sizes['world_size']} is not a multiple of tensor_parallel x "
                        "pipeline_parallel")
         if not _count(lay.get("zero_stage"), 0, 3):
@@ -544,17 +544,6 @@ def find_checkpoint(run_dir: str | Path, prefix: str = "") -> tuple[Path, dict] 
     return None
 
 
-@dataclass
-class Changes:
-    """How this run differs from a checkpoint it resumes: `accepted` lines (harmless, or named by
-    --allow-config-change), `refused` lines (each with what to do), and the `layout` change
-    (`old -> new`, "" if none), which is resharded on resume."""
-
-    accepted: list[str] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)
-    layout: str = ""
-
-
 def data_fingerprint(manifests: dict[str, dict]) -> dict[str, str]:
     """{source directory: sha256 of its manifest's contents}, recorded in every checkpoint so that
     data regenerated in place (same path and tokenizer, other documents) shows in the resume diff.
@@ -565,64 +554,6 @@ def data_fingerprint(manifests: dict[str, dict]) -> dict[str, str]:
         kept = {k: v for k, v in manifest.items() if k not in ("run", "output_dir")}
         out[path] = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
     return out
-
-
-def resume_changes(meta: dict, cfg: Config, tokenizer: dict, layout: Layout, allow: tuple[str, ...] = (),
-                   data: dict[str, str] | None = None) -> Changes:
-    """Every difference between the checkpoint's run and this one. The model shape cannot change
-    (the saved tensors would not fit); the layout (world size, tp, pp, ZeRO stage, micro-batch:
-    reshard.LAYOUT_KEYS) can, the same maths on other GPUs: `layout`; harmless keys
-    (config.RESUME_HARMLESS) are accepted; anything else breaks exactness or the data position and
-    is refused unless `allow` names it (or a section above it). `data`: this run's
-    `data_fingerprint`, compared for the sources both runs read (a checkpoint written before
-    fingerprints were kept has none to compare)."""
-    out = Changes()
-    diffs = config_changes(meta["config"], to_dict(cfg))
-    old_tok, new_tok = meta["tokenizer"], tokenizer
-    if (old_tok.get("sha256"), old_tok.get("eod")) != (new_tok.get("sha256"), new_tok.get("eod")):
-        diffs.append(("tokenizer", *(f"{t.get('path')} (sha256 {str(t.get('sha256'))[:12]}, eod {t.get('eod')})"
-                                     for t in (old_tok, new_tok))))
-    old_data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
-    for path in sorted(set(old_data) & set(data or {})):
-        if old_data[path] != data[path]:
-            diffs.append(("data.manifest", f"{path} (manifest sha256 {str(old_data[path])[:12]})",
-                          f"regenerated in place (manifest sha256 {data[path][:12]})"))
-    out.layout, problems = reshard.layout_change(meta, cfg, layout)
-    out.refused += [p for p in problems if not any(p.startswith(a) for a in allow)]
-    fixed = {f"model.{n}" for n in SHAPE_FIELDS}
-    for key, old, new in diffs:
-        line = f"{key}: checkpoint has {old!r}, this run {new!r}" + (_lr_note(meta, cfg) if key == "train.steps" else "")
-        if key in fixed:
-            out.refused.append(f"{line} (the saved tensors are laid out for the checkpoint's model: use a new "
-                               "--run-dir for a different model)")
-        elif key in reshard.LAYOUT_KEYS:
-            continue  # in out.layout
-        elif any(key == h or key.startswith(h) for h in RESUME_HARMLESS):
-            out.accepted.append(f"{line} (harmless)")
-        elif any(key == a or key.startswith(a + ".") for a in allow):
-            out.accepted.append(f"{line} (allowed by --allow-config-change)")
-        else:
-            out.refused.append(f"{line} (breaks exact continuation or the data position: pass "
-                               f"--allow-config-change {key} to accept it)")
-    return out
-
-
-def _lr_note(meta: dict, cfg: Config) -> str:
-    """What a new train.steps does to the LR at the resumed step (the cosine is laid over
-    train.steps unless optim.decay_steps fixes it): '' when the LR there stays the same."""
-    from pretrain.config import ConfigError
-    from pretrain.schedule import lr_at
-
-    try:
-        old, step = from_dict(Config, meta["config"]), int(meta["step"])
-    except (ConfigError, KeyError, TypeError, ValueError):
-        return ""
-    before, after = lr_at(step, old.optim, old.train.steps), lr_at(step, cfg.optim, cfg.train.steps)
-    if abs(after - before) <= 1e-9 * max(abs(before), abs(after)):
-        return ""
-    return (f"; the LR schedule is laid out again over {cfg.train.steps} steps: at step {step} the LR jumps "
-            f"from {before:.3g} to {after:.3g}; set optim.decay_steps={old.optim.decay_steps or old.train.steps} "
-            "as well to keep the checkpoint's decay")
 
 
 def resume(trainer, found: Found | None) -> tuple[Path, dict] | None:
@@ -675,7 +606,7 @@ def resume(trainer, found: Found | None) -> tuple[Path, dict] | None:
         trainer.engine.checkpoint_engine.load = _safe_torch_load  # DeepSpeed's torch.load(weights_only=False)
         trainer.engine.load_checkpoint(str(ckpt), tag="ds", load_optimizer_states=True,
                                        load_lr_scheduler_states=False)
-    if not reshard.layout_change(meta, trainer.cfg, trainer.layout)[0]:
+    if not layout_change(meta, trainer.cfg, trainer.layout)[0]:
         _set_rng_state(_read_rng(ckpt / "rng" / f"rank{rank:05d}.safetensors"))
     else:  # each rank's streams belong to a rank of the old layout: fresh ones, not step 0's again
         seed_rng(trainer.cfg.train.seed + meta["step"])

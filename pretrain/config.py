@@ -2,7 +2,7 @@
 
 Every section is a keyword-only dataclass; unknown keys are rejected, and every
 cross-field error is collected and reported together with its fix
-(`Config.validate`; the layout's own rules are `pretrain.parallel.Layout.errors`). Nothing
+(`Config.validate`; the layout's own rules are `pretrain.layout.Layout.errors`). Nothing
 here touches torch.distributed or a GPU, so a 128-GPU layout can be checked on a laptop.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pretrain.parallel import Layout
+from pretrain.layout import Layout
 
 Position = Literal["alibi", "sinusoidal", "rope", "t5", "kerple", "none"]
 AttentionBackend = Literal["auto", "sdpa", "flex", "flex-flash", "fa2"]
@@ -220,7 +220,9 @@ class Config:
         errors = (nonfinite_errors(self) + model_errors(self.model) + parallel_errors(self.model, self.parallel)
                   + train_errors(self))
         if world_size is not None:
-            errors += Layout.errors(self, world_size)
+            p, t = self.parallel, self.train
+            errors += Layout.errors(world_size, p.tensor_parallel, p.pipeline_parallel, t.micro_batch_size,
+                                    t.global_batch_size)
         if errors:
             raise ConfigError(list(dict.fromkeys(errors)))  # the layout's positivity rule is in both
 
@@ -278,9 +280,9 @@ def model_errors(m: ModelConfig) -> list[str]:
 
 
 def parallel_errors(m: ModelConfig, p: ParallelConfig) -> list[str]:
-    if p.tensor_parallel <= 0 or p.pipeline_parallel <= 0:
-        return [f"parallel.tensor_parallel={p.tensor_parallel} and pipeline_parallel={p.pipeline_parallel} must be "
-                "positive"]
+    degrees = Layout.errors(None, p.tensor_parallel, p.pipeline_parallel)
+    if degrees:
+        return degrees
     if min(m.num_attention_heads, m.num_layers) <= 0:
         return []  # model_errors reports them
     errors = []
@@ -492,14 +494,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-# ---------------------------------------------------------------- resuming with another config
-
-RESUME_HARMLESS = ("train.log_interval", "train.max_bad_steps", "train.dist_timeout_s", "checkpoint.", "validation.", "wandb.", "hardware.")
-"""Keys (or sections, ending in '.') whose change on resume leaves the trained trajectory and the
-data position exactly as they were: accepted and printed. Any other change (model, data,
-tokenizer, batch, steps, seed, optimizer, precision, kernels, recomputation) is refused unless
-named by --allow-config-change (pretrain/checkpoint.py::resume_changes); new fields are refused
-by default until listed here."""
+# ---------------------------------------------------------------- dotted keys (overrides, the resume diff)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -525,12 +520,3 @@ def field_defaults(cls: type = None, prefix: str = "") -> dict[str, Any]:
         elif f.default_factory is not dataclasses.MISSING:
             out[prefix + f.name] = f.default_factory()
     return out
-
-
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, old value, new value) for every dotted key whose value differs. A field added since
-    the checkpoint was written counts as its default there (the run it saved behaved so); a key
-    one side lacks otherwise counts as None."""
-    a, b = flatten(old), flatten(new)
-    a = {**{k: v for k, v in field_defaults().items() if k not in a}, **a}
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -26,7 +26,8 @@ from megatron.core.models.gpt import GPTModel
 from pretrain.config import Config
 from pretrain.model import build_model
 from pretrain.model.params import init_weights
-from pretrain.parallel import Layout, MegatronMPU, accelerator_device, use_gpu
+from pretrain.layout import Layout
+from pretrain.parallel import MegatronMPU, accelerator_device, use_gpu
 
 
 def use_bf16(cfg: Config) -> bool:

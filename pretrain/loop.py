@@ -16,10 +16,12 @@ import torch
 import torch.distributed as dist
 
 from pretrain import rundir
-from pretrain.checkpoint import Changes, Found
+from pretrain.checkpoint import Found
 from pretrain.config import Config, ConfigError, to_dict
 from pretrain.data import TrainingData
-from pretrain.parallel import DistEnv, Layout, accelerator_device
+from pretrain.layout import Layout
+from pretrain.parallel import DistEnv, accelerator_device
+from pretrain.resume import Changes, layout_change, resume_changes
 from pretrain.stop import StopRequest
 
 
@@ -122,7 +124,7 @@ def preflight(cfg: Config, env: DistEnv, run_dir: Path, allow: tuple[str, ...] =
     exists. `allow`: config keys whose change on resume is accepted (--allow-config-change)."""
     from pretrain import checkpoint
 
-    errors, found, changes = [], checkpoint.Found(), checkpoint.Changes()
+    errors, found, changes = [], checkpoint.Found(), Changes()
     try:
         cfg.validate(env.world_size)
     except ConfigError as e:
@@ -141,7 +143,7 @@ def preflight(cfg: Config, env: DistEnv, run_dir: Path, allow: tuple[str, ...] =
             errors.append(str(e))
         if found.usable:
             ckpt, meta = found.usable[0]
-            changes = checkpoint.resume_changes(meta, cfg, data.tokenizer, layout, allow, fingerprint(data))
+            changes = resume_changes(meta, cfg, data.tokenizer, layout, allow, fingerprint(data))
             errors += [f"cannot resume {ckpt}: {p}" for p in changes.refused]
     if errors:
         raise PreflightError(errors)
@@ -151,7 +153,7 @@ def preflight(cfg: Config, env: DistEnv, run_dir: Path, allow: tuple[str, ...] =
 def dry_run_resume(cfg: Config, layout: Layout, run_dir: Path) -> None:
     """--dry-run: which checkpoint a start would resume, and its layout change (the memory table
     above is the new layout's); ConfigError if that change cannot be resumed on."""
-    from pretrain import checkpoint, reshard
+    from pretrain import checkpoint
 
     if not cfg.checkpoint.enabled or not checkpoint.checkpoints_dir(run_dir).is_dir():
         return
@@ -161,7 +163,7 @@ def dry_run_resume(cfg: Config, layout: Layout, run_dir: Path) -> None:
         raise ConfigError([str(e)]) from None
     if found.usable:
         ckpt, meta = found.usable[0]
-        line, problems = reshard.layout_change(meta, cfg, layout)
+        line, problems = layout_change(meta, cfg, layout)
         print(f"\nwould resume {ckpt} at step {meta['step']}")
         print(f"  layout change: {line} (model and optimizer state resharded)" if line else "  same layout")
         if problems:
@@ -256,7 +258,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
     if resumed is not None:
         ckpt, meta = resumed
         if ckpt != plan.checkpoints.usable[0][0]:  # fell back: the diff is against another checkpoint
-            changes = checkpoint.resume_changes(meta, cfg, tokenizer, layout, allow, data_id)
+            changes = resume_changes(meta, cfg, tokenizer, layout, allow, data_id)
             if changes.refused:
                 raise checkpoint.CheckpointError("; ".join(f"cannot resume {ckpt}: {p}" for p in changes.refused))
     step, bad_in_row, skipped = meta.get("step", 0), meta.get("bad_in_row", 0), meta.get("skipped_total", 0)

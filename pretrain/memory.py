@@ -23,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from pretrain.config import Config
-from pretrain.parallel import Layout
+from pretrain.layout import Layout
 
 GIB = 1024**3
 

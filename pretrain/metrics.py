@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from pretrain.config import Config, to_dict
-from pretrain.parallel import Layout, use_gpu
+from pretrain.layout import Layout
+from pretrain.parallel import use_gpu
 from pretrain.rundir import open_in_run_dir
 
 log = logging.getLogger(__name__)

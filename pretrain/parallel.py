@@ -1,11 +1,11 @@
-"""The parallel layout and process-group start-up: launcher environment -> torch.distributed ->
-megatron parallel_state.
+"""Process-group start-up: launcher environment -> torch.distributed -> megatron parallel_state.
 
-Why here: one place owns the layout arithmetic (`Layout`: world = tp x pp x dp, global batch =
-micro x accumulation x dp), the rank order (tp fastest, then dp, then pp: megatron's
-"tp-cp-ep-dp-pp" and DeepSpeed's PipeModelDataParallelTopology(pipe, data, model) agree), the
-launcher variables (torchrun, srun, or none), process-group start-up and the DeepSpeed `mpu`
-adapter. torch is imported lazily: `Layout` is used by the config checks and --dry-run.
+Why here: one place owns the rank order (tp fastest, then dp, then pp: megatron's "tp-cp-ep-dp-pp"
+and DeepSpeed's PipeModelDataParallelTopology(pipe, data, model) agree), the launcher variables
+(torchrun, srun, or none), process-group start-up, the GPU switch and the DeepSpeed `mpu` adapter.
+The layout arithmetic (tp x pp x dp) is `pretrain.layout`. megatron-core and DeepSpeed are
+imported where used: checkpoint.py imports this module, and the tools and preflight that read
+checkpoints run without them.
 """
 
 from __future__ import annotations
@@ -14,50 +14,11 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from pretrain.config import Config
+import torch
+import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class Layout:
-    """How a run's `world_size` ranks split, built once per run from the config and the launcher
-    (`Layout.of`) and passed wherever the world size is needed."""
-
-    world_size: int
-    tp: int
-    """Tensor-parallel degree."""
-    pp: int
-    """Pipeline-parallel degree."""
-    dp: int
-    """Data-parallel degree: world_size / (tp x pp)."""
-    accumulation: int
-    """Micro-batches per optimizer step per data-parallel rank: global / (micro x dp)."""
-
-    @classmethod
-    def of(cls, cfg: Config, world_size: int) -> Layout:
-        """The layout of `cfg` on `world_size` ranks; `errors` lists why it may not be valid."""
-        tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
-        dp = max(1, world_size // (tp * pp))
-        accumulation = max(1, cfg.train.global_batch_size // (max(1, cfg.train.micro_batch_size) * dp))
-        return cls(world_size=world_size, tp=tp, pp=pp, dp=dp, accumulation=accumulation)
-
-    @staticmethod
-    def errors(cfg: Config, world_size: int) -> list[str]:
-        """Why `cfg` cannot run on `world_size` ranks (world and batch divisibility), with the fix."""
-        tp, pp, t = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.train
-        if tp <= 0 or pp <= 0:
-            return [f"parallel.tensor_parallel={tp} and pipeline_parallel={pp} must be positive"]
-        if world_size % (tp * pp):
-            return [f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = "
-                    f"{tp * pp}: change the GPU count or the layout"]
-        dp = Layout.of(cfg, world_size).dp
-        if t.micro_batch_size > 0 and t.global_batch_size % (t.micro_batch_size * dp):
-            return [f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x "
-                    f"data_parallel = {t.micro_batch_size} x {dp}: global batch = micro x accumulation x dp, "
-                    f"so use a multiple of {t.micro_batch_size * dp}"]
-        return []
+from pretrain.layout import Layout
 
 
 class LaunchError(RuntimeError):
@@ -142,8 +103,6 @@ def check_world(env: DistEnv, environ: dict[str, str] | None = None) -> None:
             "torchrun's --nnodes/--node-rank (or --standalone) on each node, a MASTER_ADDR computed on each "
             "node instead of once, or a c10d vs static rendezvous mix; start one torchrun per node with "
             f"--nnodes {promised[1]} and the same --master-addr")
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return
     me = (node_name(environ), env.local_rank)
@@ -172,8 +131,6 @@ def use_gpu() -> bool:
     to another one (`DS_ACCELERATOR=cpu`, which the CPU tests and CPU SLURM jobs set, keeps a GPU
     machine's process on the CPU). The one switch for the process-group backend, the device,
     `precision: auto`, the `auto` attention kernel and peak-memory readings."""
-    import torch
-
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
 
 
@@ -194,9 +151,6 @@ def _start_process_group(env: DistEnv, timeout_s: float = 1800) -> None:
     launcher variables are also exported, since DeepSpeed's init_distributed reads them and then
     finds this group running; the engine gets the same GPU (`torch.cuda.current_device()`).
     `timeout_s`: how long a collective (and the rendezvous) waits for a missing peer."""
-    import torch
-    import torch.distributed as dist
-
     gpu = use_gpu()
     if gpu:
         torch.cuda.set_device(cuda_device(env.local_rank, torch.cuda.device_count()))
@@ -216,7 +170,6 @@ def _start_process_group(env: DistEnv, timeout_s: float = 1800) -> None:
 def seed_rng(seed: int) -> None:
     """Seed torch, and megatron-core's model-parallel RNG tracker (GPU) or its no-op CPU
     stand-in (the CUDA tracker cannot be created without a GPU)."""
-    import torch
     from megatron.core import tensor_parallel
 
     torch.manual_seed(seed)
@@ -234,18 +187,16 @@ def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, env: Dist
     Without a running process group one is started from `env` (default: the launcher's,
     `read_env()`: torchrun, srun, or a single process on a free port), with `timeout_s` for its
     collectives, and the world it joined is checked against the launcher's (`check_world`). Calling it again with
-    another tp/pp rebuilds megatron's groups on the same process group (tests, tools)."""
-    import torch.distributed as dist
+    another tp/pp rebuilds megatron's groups on the same process group (tests, tools). megatron's
+    CPU patches come with the model (`build_model` applies `pretrain.model.compat`)."""
     from megatron.core import parallel_state
 
-    from pretrain.model.compat import apply_cpu_compat
-
-    apply_cpu_compat()
     if not dist.is_initialized():
         _start_process_group(env or read_env(), timeout_s)
     world = dist.get_world_size()
-    if world % (tp * pp):
-        raise ValueError(f"world size {world} is not divisible by tp x pp = {tp} x {pp}")
+    if Layout.errors(world, tp, pp):  # worded for this function's arguments
+        raise ValueError(f"world size {world} is not divisible by tp x pp = {tp} x {pp}: pass degrees whose "
+                         "product divides it")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     # No gloo twins of the data-parallel groups: DeepSpeed never uses them, and on 128 ranks they
@@ -256,7 +207,6 @@ def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, env: Dist
 
 
 def destroy() -> None:
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from pretrain.config import Config, from_dict
-from pretrain.parallel import Layout
+from pretrain.layout import Layout
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 OPTIM_FILE = re.compile(r"optim/tp(\d+)_pp(\d+)_dp(\d+)\.safetensors")
@@ -61,33 +61,6 @@ def describe(record: dict, config: dict) -> str:
                   "micro_batch_size": cfg.train.micro_batch_size}
     return (f"world {record['world_size']} = tp {record['tensor_parallel']} x pp {record['pipeline_parallel']} x "
             f"dp {record['data_parallel']}, ZeRO-{record['zero_stage']}, micro-batch {record['micro_batch_size']}")
-
-
-LAYOUT_KEYS = ("parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.zero_stage",
-               "parallel.zero_bucket_size", "train.micro_batch_size")
-"""Config keys that only change how the same maths is spread over the GPUs."""
-
-
-def layout_change(meta: dict, cfg: Config, layout: Layout) -> tuple[str, list[str]]:
-    """(`old -> new` if this run's layout differs from the checkpoint's, else "";
-    why it cannot be resumed on, [] if it can)."""
-    old, new = meta["layout"], layout_record(layout, cfg)
-    old_desc, new_desc = describe(old, meta["config"]), describe(new, {})
-    if old_desc == new_desc:
-        return "", []
-    line = f"{old_desc} -> {new_desc}"
-    problems = []
-    if not has_optimizer_state(meta):
-        problems.append(f"layout {line}: this checkpoint was written before elastic resume (its optimizer "
-                        "state is DeepSpeed's, sharded by layout): resume it on its own layout once, and its "
-                        "next checkpoint can move")
-    old_micro = meta["config"].get("train", {}).get("micro_batch_size")
-    if old_micro != cfg.train.micro_batch_size and cfg.data.eod_mask_loss:
-        # the loss is a mean per micro-batch: with masked tokens, regrouping reweights them
-        problems.append(f"train.micro_batch_size: checkpoint has {old_micro}, this run {cfg.train.micro_batch_size} "
-                        "with data.eod_mask_loss=true changes how masked tokens weigh in the loss: keep the "
-                        "micro-batch, or pass --allow-config-change train.micro_batch_size")
-    return line, problems
 
 
 def has_optimizer_state(meta: dict) -> bool:

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     stop = None if args.dry_run else StopRequest()  # before the slow imports: no signal is lost
 
-    from pretrain.parallel import LaunchError, Layout, read_env
+    from pretrain.layout import Layout
+    from pretrain.parallel import LaunchError, read_env
 
     try:
         cfg = build_config(args)

@@ -1,13 +1,16 @@
 """The layering the docs promise (docs/architecture.md): data_prep -> pretrain -> tools, no import
-cycle between our modules, no citation of a reference file outside the repository, and the
-data-parallel size computed in one place (pretrain/parallel.py, `Layout`)."""
+cycle between our modules (annotations and package `__init__`s included), no citation of a reference
+file outside the repository, and the parallel layout computed in one place (pretrain/layout.py,
+`Layout`, a leaf that imports neither torch nor the config)."""
 
 from __future__ import annotations
 
 import argparse
 import ast
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,21 +20,19 @@ PACKAGES = ("data_prep", "pretrain", "tools")
 LAYER = {"data_prep": 0, "pretrain": 1, "tools": 2}
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(REPO).with_suffix("").parts
+def module_name(path: Path, root: Path = REPO) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> set[str]:
-    """Our modules imported anywhere in `path` (module level or inside functions) when it runs."""
-    me = module_name(path)
+def imports(path: Path, root: Path = REPO, packages: tuple[str, ...] = PACKAGES) -> set[str]:
+    """Our modules imported anywhere in `path`: at module level, inside functions, and under
+    `if TYPE_CHECKING:` (an import for annotations only is still a dependency of the design), each
+    with the packages above it (importing `a.b.c` runs `a/b/__init__.py` first)."""
+    me = module_name(path, root)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):  # `if TYPE_CHECKING:` imports are for annotations only: not run
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            node.body = []
     found = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -42,12 +43,37 @@ def imports(path: Path) -> set[str]:
             names = [base] + [f"{base}.{a.name}" for a in node.names]
         else:
             continue
-        found |= {n for n in names if n.split(".")[0] in PACKAGES}
+        names = [".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 2)]
+        found |= {n for n in names if n.split(".")[0] in packages}
     return found
 
 
-def our_modules() -> dict[str, Path]:
-    return {module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+def our_modules(root: Path = REPO, packages: tuple[str, ...] = PACKAGES) -> dict[str, Path]:
+    return {module_name(p, root): p for pkg in packages for p in (root / pkg).rglob("*.py")}
+
+
+def import_cycles(root: Path = REPO, packages: tuple[str, ...] = PACKAGES) -> list[str]:
+    """Every import cycle among the modules of `packages` under `root`, as "a -> b -> a"."""
+    modules = our_modules(root, packages)
+    graph = {name: {m for m in imports(path, root, packages) if m in modules and m != name}
+             for name, path in modules.items()}
+    # a package's __init__ importing its own submodules is how packages work, not a cycle
+    graph = {n: {m for m in deps if not n.startswith(m + ".")} for n, deps in graph.items()}
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return cycles
 
 
 def test_no_upward_import():
@@ -60,25 +86,38 @@ def test_no_upward_import():
 
 
 def test_no_import_cycle():
-    modules = our_modules()
-    graph = {name: {m for m in imports(path) if m in modules and m != name} for name, path in modules.items()}
-    # a package's __init__ importing its own submodules is how packages work, not a cycle
-    graph = {n: {m for m in deps if not n.startswith(m + ".")} for n, deps in graph.items()}
-    state, cycles = {}, []
-
-    def visit(node, stack):
-        state[node] = "open"
-        for dep in graph[node]:
-            if state.get(dep) == "open":
-                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
-            elif dep not in state:
-                visit(dep, stack + [dep])
-        state[node] = "done"
-
-    for node in graph:
-        if node not in state:
-            visit(node, [node])
+    cycles = import_cycles()
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+@pytest.mark.parametrize("via", ["TYPE_CHECKING", "function", "package"])
+def test_a_planted_cycle_is_reported(tmp_path, via):
+    """The detector sees a cycle closed by an annotation-only import, by an import inside a
+    function, and through a package's `__init__` (importing pkg.sub.x runs pkg/sub/__init__.py)."""
+    pkg = tmp_path / "planted"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from planted import a\n")  # reached only through b's import
+    (pkg / "sub" / "x.py").write_text("X = 1\n")
+    (pkg / "a.py").write_text("from planted import b\n")
+    (pkg / "b.py").write_text({
+        "TYPE_CHECKING": "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from planted.a import A\n",
+        "function": "def f():\n    from planted import a\n",
+        "package": "from planted.sub.x import X\n"}[via])  # x is innocent: sub/__init__ closes it
+    assert import_cycles(tmp_path, ("planted",)), f"a cycle through {via} was not reported"
+    (pkg / "b.py").write_text("B = 1\n")  # cut: no cycle left
+    assert import_cycles(tmp_path, ("planted",)) == []
+
+
+def test_layout_is_a_leaf():
+    """pretrain/layout.py loads without torch and without the config (--dry-run and the config
+    checks use it; the config imports it, not the other way round)."""
+    probe = ("import sys, pretrain.layout; "
+             "assert not {'torch', 'pretrain.config', 'pretrain.parallel'} & set(sys.modules), sorted(sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert imports(REPO / "pretrain" / "layout.py") == set(), "layout.py imports our modules"
 
 
 def test_no_citation_outside_the_repository():
@@ -90,10 +129,11 @@ def test_no_citation_outside_the_repository():
     assert (REPO / "docs" / "reference.md").is_file()
 
 
-def test_data_parallel_size_is_computed_only_in_parallel_py():
-    # dp = world / (tp x pp) written out anywhere else is a second definition that can drift
-    pattern = re.compile(r"(world\w*\s*//)|(//\s*\(?\s*[\w.]*(tp|tensor_parallel)[\w.]*\s*\*)")
-    offenders = [f"{p.relative_to(REPO)}:{i}" for p in our_modules().values() if p.name != "parallel.py"
+def test_layout_rule_is_written_only_in_layout_py():
+    # dp = world / (tp x pp), or world % (tp x pp), written out anywhere else is a second
+    # definition of the layout rule that can drift
+    pattern = re.compile(r"(world\w*\s*(//|%))|((//|%)\s*\(?\s*[\w.]*(tp|tensor_parallel)[\w.]*\s*\*)")
+    offenders = [f"{p.relative_to(REPO)}:{i}" for p in our_modules().values() if p.name != "layout.py"
                  for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not offenders, offenders
 

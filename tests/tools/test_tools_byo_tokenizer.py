@@ -116,7 +116,8 @@ def test_eval_export_and_resume_refuse_another_tokenizer(run_dir, corpus, wordpi
                                                          tmp_path):
     from pretrain import checkpoint
     from pretrain.config import Config, from_dict
-    from pretrain.parallel import Layout
+    from pretrain.layout import Layout
+    from pretrain.resume import resume_changes
     from tools.convert_to_hf import convert
     from tools.eval_extrapolation import main as eval_main
 
@@ -135,8 +136,8 @@ def test_eval_export_and_resume_refuse_another_tokenizer(run_dir, corpus, wordpi
     _, meta = checkpoint.find_checkpoint(run_dir)
     wp = json.loads((other / "manifest.json").read_text())["tokenizer"]
     cfg = from_dict(Config, meta["config"])
-    changes = checkpoint.resume_changes(meta, cfg, wp, Layout.of(cfg, 1))
+    changes = resume_changes(meta, cfg, wp, Layout.of(cfg, 1))
     assert any(line.startswith("tokenizer:") and "wordpiece" in line for line in changes.refused)
-    assert checkpoint.resume_changes(meta, cfg, meta["tokenizer"], Layout.of(cfg, 1)).refused == []
+    assert resume_changes(meta, cfg, meta["tokenizer"], Layout.of(cfg, 1)).refused == []
     other_eod = dict(meta["tokenizer"], eod=meta["tokenizer"]["eod"] + 1)  # the same file, another --eod-token
-    assert checkpoint.resume_changes(meta, cfg, other_eod, Layout.of(cfg, 1)).refused[0].startswith("tokenizer:")
+    assert resume_changes(meta, cfg, other_eod, Layout.of(cfg, 1)).refused[0].startswith("tokenizer:")

@@ -20,7 +20,8 @@ from pretrain.config import DataSource, load_config  # noqa: E402
 from pretrain.data import BatchReader, build_train_dataset, load_data, split_tokens  # noqa: E402
 from pretrain.loop import validate_ppl  # noqa: E402
 from pretrain.engine import Trainer  # noqa: E402
-from pretrain.parallel import Layout, init_model_parallel  # noqa: E402
+from pretrain.layout import Layout  # noqa: E402
+from pretrain.parallel import init_model_parallel  # noqa: E402
 from pretrain.schedule import lr_at  # noqa: E402
 
 STEPS = 5

@@ -34,7 +34,8 @@ def trained(tiny_data, tmp_path_factory):
     from pretrain.config import DataSource, load_config
     from pretrain.data import BatchReader, build_train_dataset, load_data
     from pretrain.engine import Trainer
-    from pretrain.parallel import Layout, init_model_parallel
+    from pretrain.layout import Layout
+    from pretrain.parallel import init_model_parallel
 
     cfg = load_config(TINY, ["parallel.zero_stage=1", "train.global_batch_size=2", "train.micro_batch_size=2",
                              f"train.steps={STEPS}", f"checkpoint.keep_last={STEPS}"])

@@ -10,7 +10,8 @@ import pytest
 from pretrain.config import ConfigError, DataSource, load_config
 from pretrain.memory import estimate_memory, parameter_count
 from pretrain.metrics import flops_per_token, throughput
-from pretrain.parallel import Layout, read_env
+from pretrain.layout import Layout
+from pretrain.parallel import read_env
 from pretrain.schedule import lr_at
 from pretrain.train import main
 

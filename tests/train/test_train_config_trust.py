@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.config import ConfigError, load_config, to_dict
-from pretrain.parallel import Layout
+from pretrain.layout import Layout
 from pretrain.schedule import lr_at
 from pretrain.train import main
 
@@ -44,7 +44,7 @@ def test_a_flag_and_an_override_of_one_key_are_refused(capsys):
 
 
 def test_resume_diff_states_the_lr_jump_of_a_new_train_steps():
-    from pretrain.checkpoint import resume_changes
+    from pretrain.resume import resume_changes
     from pretrain.reshard import layout_record
 
     old = load_config(TINY, ["train.steps=100", "optim.warmup_steps=10"])

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from pretrain import checkpoint
-from pretrain.parallel import Layout
+from pretrain.layout import Layout
+from pretrain.resume import resume_changes
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import REPO, TINY, hold_lock_then_kill9, launch, wait_all  # noqa: E402
@@ -226,9 +227,9 @@ def test_train_refuses_another_tokenizer(uninterrupted):
 
     _, meta = checkpoint.find_checkpoint(uninterrupted)
     cfg = from_dict(Config, meta["config"])  # the run's own config: only the tokenizer differs
-    assert checkpoint.resume_changes(meta, cfg, meta["tokenizer"], Layout.of(cfg, 2)).refused == []
+    assert resume_changes(meta, cfg, meta["tokenizer"], Layout.of(cfg, 2)).refused == []
     other = dict(meta["tokenizer"], sha256="0" * 64, path="/elsewhere/tok.model")
-    (err,) = checkpoint.resume_changes(meta, cfg, other, Layout.of(cfg, 2)).refused
+    (err,) = resume_changes(meta, cfg, other, Layout.of(cfg, 2)).refused
     assert "tokenizer" in err and "/elsewhere/tok.model" in err
 
 

@@ -163,9 +163,9 @@ def test_dry_run_of_a_resume_shows_the_layout_change_and_memory(trained, tiny_da
 
 def test_layout_changes_are_accepted_and_maths_changes_refused():
     from pretrain import reshard
-    from pretrain.checkpoint import resume_changes
+    from pretrain.resume import resume_changes
     from pretrain.config import load_config, to_dict
-    from pretrain.parallel import Layout
+    from pretrain.layout import Layout
 
     def cfg_of(*overrides):
         return load_config(config("alibi"), [*OVERRIDES, *overrides])

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pretrain.config import load_config
-from pretrain.parallel import Layout, init_model_parallel
+from pretrain.layout import Layout
+from pretrain.parallel import init_model_parallel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TINY  # noqa: E402

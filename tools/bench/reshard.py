@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain import checkpoint, reshard
     from pretrain.engine import Trainer
     from pretrain.memory import parameter_count
-    from pretrain.parallel import Layout, init_model_parallel, read_env
+    from pretrain.layout import Layout
+    from pretrain.parallel import init_model_parallel, read_env
 
     env = read_env()
     world = env.world_size

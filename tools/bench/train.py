@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from pretrain.config import Config, load_config  # light (no torch): --help stays instant
-from pretrain.parallel import Layout
+from pretrain.layout import Layout
 
 
 def measure(cfg: Config, layout: Layout, steps: int, warmup: int) -> dict:
