@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +14,7 @@ import torch
 from pretrain.config import load_config
 from pretrain.parallel import Layout, init_model_parallel
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TINY  # noqa: E402
+from helpers import TINY
 
 HOST_READS = ("__bool__", "__float__", "__int__", "item", "tolist")
 
