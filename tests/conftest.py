@@ -1,8 +1,11 @@
-"""Shared test settings: the gpu marker skips where there is no CUDA device."""
+"""Shared test settings: the gpu marker skips where there is no CUDA device; no process a test
+started through tests/helpers.py outlives it."""
 
 import os
 
 import pytest
+
+from helpers import STARTED
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -17,6 +20,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu"):  # not `"gpu" in item.keywords`: that also matches a folder named gpu
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_ranks():
+    """A failing test must not leave ranks running on the shared cores."""
+    yield
+    while STARTED:
+        p = STARTED.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 _exit_status = None

@@ -1,10 +1,10 @@
 """Entry points: every option documented with its default, `python -m` and the script path both
-work; the typed settings reject bad values together; data_prep imports neither pretrain nor tools."""
+work; the typed settings reject bad values together. (That data_prep imports neither pretrain nor
+tools is tests/test_structure.py's layering check.)"""
 
 from __future__ import annotations
 
 import argparse
-import ast
 import pickle
 import subprocess
 import sys
@@ -48,11 +48,3 @@ def test_settings_collect_every_error_and_pickle():
     s = PrepSettings(out_dir="/x", tokenizer="/t.model", chunk_mb=4.0, valid_tokens=1000)
     assert pickle.loads(pickle.dumps(s)) == s and s.chunk_bytes == 4 << 20
 
-
-def test_data_prep_imports_neither_pretrain_nor_tools():
-    """Layering: data_prep -> pretrain -> tools, never upwards."""
-    for path in sorted((REPO / "data_prep").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not [n for n in names if n.split(".")[0] in ("pretrain", "tools")], path.name

@@ -10,7 +10,8 @@ logits, per-token loss and gradients. Then:
   gradients; the tied embedding's gradient is the sum of the two stages' (the all-reduce that
   training does over the embedding group), and so is that of a learned position bias shared by
   all layers (t5, kerple: one copy per stage, all-reduced over the pipeline group).
-Writes JSON: max relative errors per case. usage: parallel_worker.py RANK WORLD PORT OUT_JSON
+Writes OUT_DIR/rank<RANK>.json: max relative errors per case. usage: parallel_worker.py OUT_DIR, with
+torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set, as tests/helpers.py's launch sets them.
 """
 
 import json
@@ -76,8 +77,7 @@ def run_pipeline(torch, dist, model, rank, ids, pos, labels, hidden_shape):
     return loss, {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def main(rank, world):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+def main(rank):
     import torch
     import torch.distributed as dist
 
@@ -139,14 +139,12 @@ def main(rank, world):
 
 
 if __name__ == "__main__":
-    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    rank = int(os.environ["RANK"])
     try:
-        res = main(rank, world)
+        res = main(rank)
     except Exception:
         res = {"error": traceback.format_exc()}
-    with open(out, "w") as f:
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -4,13 +4,12 @@ heads (6 per rank: non-power-of-two, the slope-slicing trap) and 16 heads; PP=2 
 loss and gradients, the tied embedding's copies start equal on both stages."""
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import launch
 
 from .model_helpers import POSITIONS
 
@@ -20,15 +19,7 @@ WORKER = Path(__file__).with_name("parallel_worker.py")
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parallel")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")  # gloo ranks, even on a GPU machine
-    procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(r), "2", port, str(tmp / f"rank{r}.json")],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for r in range(2)
-    ]
+    procs = launch([str(WORKER), str(tmp)], 2, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     logs = [p.communicate(timeout=600)[0] for p in procs]
     out = []
     for r in range(2):

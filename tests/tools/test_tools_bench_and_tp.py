@@ -4,9 +4,6 @@ parallelism (ALiBi at TP=2 or PP=2, rotary at TP=2; two gloo processes): HF logi
 model's, and HF perplexity equals what the parallel model itself logged for validation."""
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,8 @@ from pretrain.perplexity import perplexity
 from pretrain.parallel import init_model_parallel
 from tools.compare_runs import main as compare_main
 from tools.hf_export import megatron_to_hf
-from tools.jobs import child_env
+
+from helpers import assert_hf_generates_like, launch, megatron_logits, wait_all
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -56,18 +54,7 @@ def test_tp2_or_pp2_trained_checkpoint_exports_exactly(quick_job, tmp_path, layo
             "train.global_batch_size=4", "train.micro_batch_size=4", "optim.lr=3e-3", "optim.warmup_steps=1",
             "validation.interval=3", "validation.length_multipliers=[1,4]", "validation.tokens=2048",
             "wandb.enabled=false"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=child_env(  # what torchrun sets, per rank
-        RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")) for r in range(2)]
-    try:
-        assert [p.wait(timeout=300) for p in procs] == [0, 0]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    assert wait_all(launch(argv, 2), timeout=300) == [0, 0]
 
     cfg, sd = load_consolidated(run)
     assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel) == ((2, 1) if layout == "--tp" else (1, 2))
@@ -79,15 +66,8 @@ def test_tp2_or_pp2_trained_checkpoint_exports_exactly(quick_job, tmp_path, layo
     for n in (64, 256):
         x = torch.randint(0, cfg.model.vocab_size, (2, n))
         with torch.no_grad():
-            torch.testing.assert_close(hf(x).logits, ours(x, torch.arange(n).expand_as(x), None,
-                                                          runtime_gather_output=True), rtol=0, atol=1e-4)
-    prompt = torch.randint(0, cfg.model.vocab_size, (1, 8))
-    x = prompt
-    for _ in range(32):
-        with torch.no_grad():
-            logits = ours(x, torch.arange(x.shape[1]).expand_as(x), None, runtime_gather_output=True)
-        x = torch.cat([x, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert hf.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False).tolist() == x.tolist()
+            torch.testing.assert_close(hf(x).logits, megatron_logits(ours, x), rtol=0, atol=1e-4)
+    assert_hf_generates_like(hf, ours, torch.randint(0, cfg.model.vocab_size, (1, 8)))
 
     logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     (val,) = [r for r in logged if r.get("kind") == "validation"]

@@ -11,6 +11,8 @@ from pretrain.model import build_model
 from pretrain.parallel import init_model_parallel
 from tools.hf_export import ExportError, megatron_to_hf
 
+from helpers import assert_hf_generates_like, megatron_logits
+
 L = 32
 
 
@@ -35,19 +37,6 @@ def our_model(cfg: Config, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def our_logits(model, x: torch.Tensor) -> torch.Tensor:
-    pos = torch.arange(x.shape[1]).expand_as(x)
-    with torch.no_grad():
-        return model(x, pos, None, runtime_gather_output=True)  # [b, s, V]
-
-
-def our_greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    x = prompt
-    for _ in range(n):
-        x = torch.cat([x, our_logits(model, x)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return x
-
-
 @pytest.mark.parametrize("position,heads,cls", [
     ("alibi", 12, MptForCausalLM),  # 12 heads: the non-power-of-two slope rule
     ("alibi", 8, MptForCausalLM),
@@ -63,15 +52,12 @@ def test_hf_logits_and_generation_equal_ours(position, heads, cls):
     torch.manual_seed(1)
     for length in (L, 4 * L):
         x = torch.randint(0, cfg.model.vocab_size, (2, length))
-        ours = our_logits(model, x)
+        ours = megatron_logits(model, x)
         with torch.no_grad():
             theirs = hf(x).logits
         assert ours.abs().max() > 3  # logits that are not all near zero
         torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
-    prompt = torch.randint(0, cfg.model.vocab_size, (1, 8))
-    ours = our_greedy(model, prompt, 32)
-    theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)
-    assert ours.tolist() == theirs.tolist()
+    assert_hf_generates_like(hf, model, torch.randint(0, cfg.model.vocab_size, (1, 8)))
 
 
 def test_export_depends_on_the_qkv_reordering():
@@ -88,7 +74,7 @@ def test_export_depends_on_the_qkv_reordering():
     finally:
         hx.qkv_heads_to_blocks = orig
     with torch.no_grad():
-        assert (wrong(x).logits - our_logits(model, x)).abs().max() > 1e-2
+        assert (wrong(x).logits - megatron_logits(model, x)).abs().max() > 1e-2
 
 
 def test_rotary_export_depends_on_the_rotation():
@@ -100,7 +86,7 @@ def test_rotary_export_depends_on_the_rotation():
     nope = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, position="none"))
     x = torch.randint(0, cfg.model.vocab_size, (1, L))
     with torch.no_grad():
-        assert (megatron_to_hf(nope, model.state_dict()).eval()(x).logits - our_logits(model, x)).abs().max() > 1e-2
+        assert (megatron_to_hf(nope, model.state_dict()).eval()(x).logits - megatron_logits(model, x)).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("position", ["t5", "kerple"])

@@ -18,8 +18,7 @@ import pytest
 
 from pretrain import checkpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import REPO, TINY  # noqa: E402
+from helpers import REPO, TINY
 
 STEPS = 3
 # what resume reads (the optimizer state by global name, our RNG state) and what the tools read

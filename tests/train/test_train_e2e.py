@@ -27,8 +27,7 @@ from pretrain import checkpoint
 from pretrain.layout import Layout
 from pretrain.resume import resume_changes
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import REPO, TINY, hold_lock_then_kill9, launch, wait_all  # noqa: E402
+from helpers import REPO, TINY, hold_lock_then_kill9, launch, wait_all
 
 STEPS = 30
 ARGS = ["--steps", str(STEPS), "--log-interval", "1", "--save-interval", "10", "--zero-stage", "2",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,7 @@ import torch
 
 from pretrain.checkpoint import load_consolidated
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import REPO, launch, wait_all  # noqa: E402
+from helpers import REPO, launch, wait_all
 
 WORKER = str(REPO / "tests" / "train" / "elastic_worker.py")
 STEPS, MID = 6, 3

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +14,7 @@ import torch.distributed as dist
 from pretrain import parallel
 from pretrain.parallel import read_env
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TINY, launch, wait_all  # noqa: E402
+from helpers import TINY, launch, wait_all
 
 
 def test_each_task_gets_a_gpu_it_can_see():

@@ -11,7 +11,6 @@ and resume exactly."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,7 @@ import torch
 
 from pretrain.checkpoint import load_consolidated
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import REPO, TINY, launch, wait_all  # noqa: E402
+from helpers import REPO, TINY, launch, wait_all
 
 WORKER = str(REPO / "tests" / "train" / "layout_worker.py")
 BF16_TOL = 2e-3  # bf16 rounding of weights and activations, summed in another order (measured 4e-4)

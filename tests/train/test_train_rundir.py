@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import REPO, hold_lock, hold_lock_then_kill9  # noqa: E402
+from helpers import REPO, hold_lock, hold_lock_then_kill9
 
 
 def test_lock_is_exclusive_names_its_holder_and_a_killed_holder_blocks_nothing(tmp_path):

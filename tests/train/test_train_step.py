@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,7 @@ from pretrain.config import load_config
 from pretrain.layout import Layout
 from pretrain.parallel import init_model_parallel
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TINY  # noqa: E402
+from helpers import TINY
 
 HOST_READS = ("__bool__", "__float__", "__int__", "item", "tolist")
 

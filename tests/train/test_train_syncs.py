@@ -4,17 +4,13 @@ without blocking (a pageable copy would wait for the device's queue)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
 from pretrain.config import load_config
 from pretrain.layout import Layout
 from pretrain.parallel import init_model_parallel
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TINY  # noqa: E402
+from helpers import TINY
 
 
 def tiny_batches(cfg, n, seed=0):

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import LAUNCHER_VARS, REPO, STARTED, TINY, free_port  # noqa: E402
+from helpers import LAUNCHER_VARS, REPO, STARTED, TINY, free_port
 
 pytestmark = pytest.mark.slow
 JOIN = ("from pretrain import parallel; parallel._start_process_group(parallel.read_env(), 120); "
