@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from tokenizers import Tokenizer as HFTokenizer
 
 from data_prep.encoders import FAST, FastEncoder
 
@@ -145,8 +146,6 @@ class Tokenizer:
         self.encoder = encoder if self._fast else "sentencepiece"
 
     def _load_hf(self, eod_token: str | None) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: the pool's workers are the parallelism
         try:
             self._hf = HFTokenizer.from_file(str(self.model_path))

@@ -25,6 +25,8 @@ from data_prep.manifest import load_manifest, shard_prefixes
 from data_prep.tokenizer import DatasetTokenizer
 from pretrain.config import Config, ConfigError
 
+# megatron-core is imported where used: preflight and `train.py --dry-run` read manifests without it.
+
 
 @dataclass(frozen=True)
 class Source:
