@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
+from data_prep.manifest import fresh_tmp, tmp_name
+
 FAST = "fastokens"
 SPOT_CHECK = 1024  # a chunk re-checks the documents whose 64-bit split key is 0 mod this
 SAMPLE_BYTES = 1 << 20  # input text checked at start-up (and used to estimate the token count)
@@ -105,8 +107,6 @@ def prepare_tokenizer_json(model_path: str | Path, sha256: str, dest: Path) -> N
     converted by data_prep/hf_tokenizer.py (~1 CPU-s: importing transformers and deriving the
     merges; done in a child process, so the coordinator never imports transformers) and then
     kept there for the next run."""
-    from data_prep.manifest import fresh_tmp, tmp_name
-
     kept = kept_tokenizer_json(model_path, sha256)
     if kept.exists():
         shutil.copyfile(kept, fresh_tmp(dest))

@@ -9,7 +9,8 @@ Each gives the same attributes: `kind`, `sha256` (of the .model or the tokenizer
 manifest records it so that shards are never mixed across tokenizers, and training, export and
 evaluation check it), `vocab_size`, `eod`, `pad`, `encode`/`encode_batch`, `decode`, and
 `to_hf()` / `save_hf()` (the same tokenizer for an HF export). GPTDatasetConfig reads `.eod`,
-`.pad`, `.vocab_size` and `.unique_identifiers`.
+`.pad`, `.vocab_size` and `.unique_identifiers`: of a `Tokenizer`, or of a `DatasetTokenizer`
+built from the record a manifest keeps (training reads no tokenizer file).
 
 Encoding: no BOS/EOS or template tokens are added (the preprocessor appends eod per document),
 and special tokens written in the text are encoded as text (SentencePiece's own rule; for a
@@ -32,10 +33,12 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from tokenizers import Tokenizer as HFTokenizer
 
 from data_prep.encoders import FAST, FastEncoder
 
@@ -50,11 +53,8 @@ class TokenizerError(ValueError):
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tokenizer_file(path: str | Path) -> Path:
@@ -85,6 +85,31 @@ def _config_token(tokenizer_json: Path, key: str) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class DatasetTokenizer:
+    """What megatron-core's GPTDataset reads of a tokenizer (`eod`, `pad`, `vocab_size`,
+    `unique_identifiers`), from a tokenizer record (`Tokenizer.record`, as a manifest and the
+    checkpoints keep it): training needs no tokenizer file on the compute nodes."""
+
+    eod: int
+    pad: int
+    vocab_size: int
+    kind: str
+    sha256: str
+
+    @classmethod
+    def of(cls, record: dict) -> DatasetTokenizer:
+        """From a record; manifests written before tokenizer.json support have no kind or pad."""
+        return cls(eod=record["eod"], pad=record.get("pad", -1), vocab_size=record["vocab_size"],
+                   kind=record.get("kind", SENTENCEPIECE), sha256=record["sha256"])
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """megatron-core JSON-dumps this into each dataset's description (a cache key; nothing is cached here)."""
+        return {"class": "data_prep.tokenizer.Tokenizer", "kind": self.kind, "sha256": self.sha256,
+                "vocab_size": self.vocab_size}
 
 
 class Tokenizer:
@@ -121,8 +146,6 @@ class Tokenizer:
         self.encoder = encoder if self._fast else "sentencepiece"
 
     def _load_hf(self, eod_token: str | None) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: the pool's workers are the parallelism
         try:
             self._hf = HFTokenizer.from_file(str(self.model_path))
@@ -175,9 +198,8 @@ class Tokenizer:
 
     @property
     def unique_identifiers(self) -> dict:
-        """megatron-core JSON-dumps this into each dataset's cache key (MegatronDataset)."""
-        return {"class": "data_prep.tokenizer.Tokenizer", "kind": self.kind, "sha256": self.sha256,
-                "vocab_size": self.vocab_size}
+        """What megatron-core's datasets record of the tokenizer (`DatasetTokenizer`)."""
+        return DatasetTokenizer.of(self.record).unique_identifiers
 
     # megatron-core's MegatronTokenizer calls these `eos`; some of its code reads either name.
     @property

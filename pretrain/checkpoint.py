@@ -39,6 +39,7 @@ failed one aside so that keep-last-N never counts it; the tools check the model 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -58,7 +59,7 @@ import torch.distributed as dist
 from pretrain import reshard
 from pretrain.config import Config, from_dict, to_dict
 from pretrain.layout import Layout
-from pretrain.parallel import accelerator_device, seed_rng
+from pretrain.parallel import accelerator_device, seed_rng, use_gpu
 from pretrain.resume import layout_change
 from pretrain.rundir import write_atomic
 
@@ -126,7 +127,7 @@ def _read_model_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, di
 
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
+    if use_gpu():
         state["cuda"] = torch.cuda.get_rng_state()
         from megatron.core import tensor_parallel
 
@@ -138,7 +139,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if torch.cuda.is_available() and "cuda" in state:
+    if use_gpu() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
         from megatron.core import tensor_parallel
 
@@ -283,6 +284,22 @@ def _agree_ok(failed: OSError | None) -> bool:
     return not flag.item()
 
 
+@contextlib.contextmanager
+def _space_agreed(root: Path, tmp: Path, elsewhere: str):
+    """Collective: run the block on every rank; when one runs out of space (ENOSPC, EDQUOT), every
+    rank raises `_disk_full`'s one line (none is left waiting in a barrier). `elsewhere` names the
+    device for the ranks whose own writes succeeded."""
+    failed: OSError | None = None
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        failed = e
+    if not _agree_ok(failed):
+        raise _disk_full(root, tmp, failed or OSError(errno.ENOSPC, f"no space left on {elsewhere}"))
+
+
 def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, Any], tokenizer: dict) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory. Out of disk space
     on any rank: raises CheckpointError (one line: the directory, the space needed) on every rank,
@@ -293,7 +310,6 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
     root = checkpoints_dir(run_dir)
     final = root / _step_name(step)
     tmp = root / f".tmp_{_step_name(step)}"
-    failed: OSError | None = None
     if rank == 0:
         if tmp.is_symlink():  # planted: rmtree refuses links and mkdir would write through it
             tmp.unlink()
@@ -302,19 +318,13 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
         (tmp / "rng").mkdir()
     dist.barrier()
 
-    try:
+    with _space_agreed(root, tmp, "another rank's device"):
         reshard.save(trainer, tmp)  # the optimizer state by global name (was DeepSpeed's ds/, by layout)
         tensors, table = _model_shard(trainer)
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         if ps.get_data_parallel_rank() == 0:
             _write_model_shard(tmp / "model" / f"tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors", tensors, table)
         _write_rng(tmp / "rng" / f"rank{rank:05d}.safetensors", _rng_state())
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        failed = e
-    if not _agree_ok(failed):
-        raise _disk_full(root, tmp, failed or OSError(errno.ENOSPC, "no space left on another rank's device"))
 
     # Every rank reads back and hashes a share of the files (rank 0's listing), so the checkpoint
     # is read once in all, spread over the job.
@@ -336,13 +346,9 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
             **extra,
             "files": dict(sorted(kv for share in shares for kv in share.items())),
         }
-        try:
+    with _space_agreed(root, tmp, "rank 0's device"):
+        if rank == 0:
             write_meta(tmp, meta)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            failed = e
-        else:
             _fsync_dir(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -350,8 +356,6 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
             _fsync_dir(root)
             write_atomic(root / "latest", final.name + "\n")
             _prune(root, cfg.checkpoint.keep_last)
-    if not _agree_ok(failed):
-        raise _disk_full(root, tmp, failed or OSError(errno.ENOSPC, "no space left on rank 0's device"))
     return final
 
 

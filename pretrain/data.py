@@ -22,7 +22,10 @@ import numpy as np
 import torch
 
 from data_prep.manifest import load_manifest, shard_prefixes
+from data_prep.tokenizer import DatasetTokenizer
 from pretrain.config import Config, ConfigError
+
+# megatron-core is imported where used: preflight and `train.py --dry-run` read manifests without it.
 
 
 @dataclass(frozen=True)
@@ -121,17 +124,6 @@ def _blend(data: TrainingData, split: str) -> tuple[list[str], list[float]] | No
     return (prefixes, weights) if prefixes else None
 
 
-class _Tok:
-    """What GPTDataset reads of a tokenizer (eod, pad, vocab_size), from the data manifest, so
-    training needs no tokenizer file on the compute nodes."""
-
-    def __init__(self, info: dict):
-        self.eod = info["eod"]
-        self.pad = info.get("pad", -1)
-        self.vocab_size = info["vocab_size"]
-        self.unique_identifiers = {"class": info.get("kind", "sentencepiece"), "sha256": info["sha256"]}  # dataset descriptions
-
-
 def build_train_dataset(cfg: Config, data: TrainingData, origin: tuple[int, int] = (0, 0)):
     """The training dataset of samples of L+1 tokens: steps x global_batch of them, or enough to
     finish from `origin` = (step, consumed samples) of a checkpoint when the batch changed."""
@@ -144,7 +136,7 @@ def build_train_dataset(cfg: Config, data: TrainingData, origin: tuple[int, int]
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
         blend_per_split=[_blend(data, "train"), None, None],
-        tokenizer=_Tok(data.tokenizer),
+        tokenizer=DatasetTokenizer.of(data.tokenizer),
         reset_position_ids=cfg.data.reset_position_ids,
         reset_attention_mask=False,
         eod_mask_loss=cfg.data.eod_mask_loss,

@@ -28,11 +28,15 @@ from pretrain.layout import Layout
 GIB = 1024**3
 
 
-def parameter_count(cfg: Config) -> int:
-    """Full-model parameters (tied embeddings counted once; LayerNorms have no bias)."""
+def parameter_count(cfg: Config, tp: int = 1, pp: int = 1) -> int:
+    """Parameters from the shape alone (no model built): the whole model at tp = pp = 1, else the
+    busiest rank's share of a tp x pp layout. Tied embeddings counted once, LayerNorms without
+    bias; a learned position bias (t5: buckets x heads, kerple: 2 x heads) is left out. The
+    first stage holds the embedding; with pp > 1 the last holds a tied copy and the final LN."""
     m = cfg.model
-    per_layer = 4 * m.hidden_size**2 + 2 * m.hidden_size * m.ffn_hidden_size + 2 * m.hidden_size
-    return m.vocab_size * m.hidden_size + m.num_layers * per_layer + m.hidden_size
+    h = m.hidden_size
+    per_layer = (4 * h * h + 2 * h * m.ffn_hidden_size) // tp + 2 * h
+    return (m.num_layers // pp) * per_layer + m.vocab_size * h // tp + (h if pp == 1 else 0)
 
 
 @dataclass
@@ -83,10 +87,7 @@ def estimate_memory(cfg: Config, layout: Layout, *, bf16: bool = True, flex_atte
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tp, pp, dp, accumulation = layout.tp, layout.pp, layout.dp, layout.accumulation
     h, s, b, a = m.hidden_size, m.seq_length, t.micro_batch_size, m.num_attention_heads
-    per_layer = (4 * h * h + 2 * h * m.ffn_hidden_size) // tp + 2 * h
-    embedding = m.vocab_size * h // tp
-    # The first stage holds the embedding; with pp > 1 the last holds a tied copy (and the final LN).
-    params = (m.num_layers // pp) * per_layer + embedding + (h if pp == 1 else 0)
+    params = parameter_count(cfg, tp, pp)
 
     w_bytes, g_bytes, o_bytes = (2, 2, 12) if bf16 else (4, 4, 8)
     shard = {0: (1, 1, 1), 1: (1, 1, dp), 2: (1, dp, dp), 3: (dp, dp, dp)}[p.zero_stage]

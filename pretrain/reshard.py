@@ -29,9 +29,14 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from pretrain.config import Config, from_dict
 from pretrain.layout import Layout
+
+# megatron-core and DeepSpeed are imported where used: `train.py --dry-run` reaches this module
+# (through pretrain.checkpoint) and checks a config without them (megatron-core alone takes seconds).
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 OPTIM_FILE = re.compile(r"optim/tp(\d+)_pp(\d+)_dp(\d+)\.safetensors")
@@ -145,7 +150,6 @@ def adam_step(engine) -> int:
 def save(trainer, directory: Path) -> None:
     """Collective: write this rank's share of the optimizer state into `directory`/optim/."""
     from megatron.core import parallel_state as ps
-    from safetensors.torch import save_file
 
     from pretrain.model.params import global_names, partition_dim
 
@@ -175,8 +179,6 @@ class _Index:
     """Where each parameter's TP parts are among a checkpoint's optim/ files (read lazily)."""
 
     def __init__(self, ckpt: Path, rels: list[str]):
-        from safetensors import safe_open
-
         self.files, self.table, self.parts, steps = [], {}, {}, set()
         for rel in rels:
             tp_rank = int(OPTIM_FILE.fullmatch(rel).group(1))

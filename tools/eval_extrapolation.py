@@ -21,6 +21,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from data_prep.manifest import load_manifest
+from pretrain.parallel import use_gpu
+
 if TYPE_CHECKING:  # the heavy imports (torch, transformers, megatron) wait until the arguments are checked
     import torch
 
@@ -168,8 +171,6 @@ def main(argv=None) -> dict[str, Path]:
                          "extrapolation.png are written into it)")
     args.output.mkdir(parents=True, exist_ok=True)  # an unwritable place fails now, not after the compute
 
-    from data_prep.manifest import load_manifest
-
     manifest = load_manifest(args.data)
     check_tokenizers(args.checkpoint, args.data, manifest)
 
@@ -178,7 +179,7 @@ def main(argv=None) -> dict[str, Path]:
     from pretrain.data import split_tokens
     from tools.eval_models import load_model
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if use_gpu() else "cpu")
 
     tokens = split_tokens(args.data, args.split, manifest=manifest)
     print(f"{args.split} split of {args.data}: {tokens.numel()} tokens; device {device}")

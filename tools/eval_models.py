@@ -12,9 +12,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
+from pretrain.checkpoint import load_consolidated, read_meta, scan
+from pretrain.parallel import init_model_parallel
 from pretrain.perplexity import LogitsFn
+
+# transformers and megatron-core (pretrain.model) are imported where a model is loaded: the evaluation
+# checks its command line with this module (is_hf_dir, recorded_tokenizer) first, and a bad one gets
+# its one-line error at once.
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -39,8 +46,6 @@ def recorded_tokenizer(path: str | Path) -> dict | None:
     """{path, sha256} of the tokenizer a model was trained with, read cheaply (no weights): our
     checkpoint's meta.json (the newest complete checkpoint of a run), or the `tokenizer_sha256`
     tools/convert_to_hf.py writes into an HF export's config.json. None: nothing recorded."""
-    from pretrain.checkpoint import read_meta, scan
-
     path = Path(path)
     if is_hf_dir(path):
         cfg = json.loads((path / "config.json").read_text())
@@ -79,9 +84,7 @@ def _load_hf(path: Path, device: torch.device, dtype: str, name: str) -> EvalMod
 
 
 def _load_ours(path: Path, device: torch.device, dtype: str, name: str) -> EvalModel:
-    from pretrain.checkpoint import load_consolidated
     from pretrain.model import build_model
-    from pretrain.parallel import init_model_parallel
 
     cfg, state_dict = load_consolidated(path)
     init_model_parallel(tp=1)
@@ -115,7 +118,5 @@ def auto_batch_size(model: EvalModel, length: int, device: torch.device | str, m
         free, _ = torch.cuda.mem_get_info(device)
         budget = 0.5 * free
     else:
-        import psutil
-
         budget = 0.25 * psutil.virtual_memory().available
     return int(max(1, min(max_batch, budget // per_sample)))

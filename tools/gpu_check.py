@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from pretrain.parallel import use_gpu
 from tools.jobs import ROOT, child_env
 
 PYTEST = ["-m", "pytest", "tests/model/test_model_flex.py", "-v", "-p", "no:cacheprovider",
@@ -260,9 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         print("\n".join(plan(args.stages, limits, args.deadline)))
         return 0
-    import torch
-
-    from pretrain.parallel import use_gpu
+    import torch  # not at the top: --help and --plan stay instant
 
     if not args.smoke and not use_gpu():
         ap.error("no CUDA GPU to check (or DS_ACCELERATOR is set to another accelerator); run on a GPU node, "

@@ -61,7 +61,7 @@ HF mapping:
 """
 
 from .alibi import AlibiBias, alibi_bias, alibi_slopes, rank_slopes
-from .builder import build_model, parameter_count, transformer_config
+from .builder import build_model, transformer_config
 from .compat import apply_cpu_compat
 from .sinusoidal import sinusoidal_table
 
@@ -71,7 +71,6 @@ __all__ = [
     "alibi_slopes",
     "apply_cpu_compat",
     "build_model",
-    "parameter_count",
     "rank_slopes",
     "sinusoidal_table",
     "transformer_config",

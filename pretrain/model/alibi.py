@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .params import tp_heads
+
 
 def alibi_slopes(num_heads: int) -> list[float]:
     """The paper's slopes for `num_heads` (global) heads.
@@ -36,14 +38,8 @@ def alibi_slopes(num_heads: int) -> list[float]:
 
 
 def rank_slopes(num_heads: int, tp_size: int, tp_rank: int) -> torch.Tensor:
-    """fp32 slopes of the heads that TP rank `tp_rank` owns: [num_heads // tp_size].
-
-    megatron-core gives rank r the contiguous heads [r * n/tp, (r + 1) * n/tp).
-    """
-    if num_heads % tp_size:
-        raise ValueError(f"num_heads={num_heads} is not divisible by tensor parallel size {tp_size}")
-    local = num_heads // tp_size
-    return torch.tensor(alibi_slopes(num_heads)[tp_rank * local : (tp_rank + 1) * local], dtype=torch.float32)
+    """fp32 slopes of the heads that TP rank `tp_rank` owns (`params.tp_heads`): [num_heads // tp_size]."""
+    return torch.tensor(alibi_slopes(num_heads)[tp_heads(num_heads, tp_size, tp_rank)], dtype=torch.float32)
 
 
 def alibi_bias(

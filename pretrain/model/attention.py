@@ -44,6 +44,8 @@ from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from .alibi import AlibiBias
+
 
 class ScoreBias(Protocol):
     """An additive attention-score bias for this TP rank's h heads (ALiBi: `alibi.AlibiBias`)."""
@@ -192,8 +194,6 @@ def kernel_unavailable(name: str, gpu: bool) -> str | None:
 def _flash_backend_error(device: str) -> str | None:
     """None if FlexAttention's FLASH backend runs a small causal ALiBi-style forward+backward here and
     matches sdpa (output and q/k/v gradients), else why not. Once per process."""
-    from .alibi import AlibiBias
-
     g = torch.Generator(device).manual_seed(0)
     q, k, v = (torch.randn(1, 4, 256, 64, device=device, generator=g, dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))

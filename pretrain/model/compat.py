@@ -12,8 +12,8 @@ machine (the CPU tests there) is still a CPU model, and a GPU model gets megatro
   `get_emb` leaves it there;
 - `mappings._gather_along_last_dim` (TP logits gather) allocates on CUDA -> patched for
   non-CUDA inputs: list all_gather on the input's device (works on gloo);
-- activation recompute saves/restores the CUDA RNG state -> patched where CUDA is absent: the
-  CPU RNG state, so dropout masks replay exactly;
+- activation recompute saves/restores the CUDA RNG state -> patched for a process that has not
+  initialized CUDA (a CPU run, also on a GPU machine): the CPU RNG state, so dropout masks replay exactly;
 - PP > 1 with tied embeddings: `weight.data.cuda()` before the first/last-stage all-reduce ->
   patched: the all-reduce where the weight is (moved to the GPU and back only for nccl);
 - the CUDA RNG tracker (`model_parallel_cuda_manual_seed`) -> `pretrain.parallel.seed_rng`: the
@@ -37,9 +37,13 @@ Typical use (tests, tools, single-process evaluation):
 
 from __future__ import annotations
 
-
 import torch
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.tensor_parallel import mappings
+from megatron.core.tensor_parallel import random as mrandom
 
+from pretrain.parallel import use_gpu
 
 _APPLIED = False
 
@@ -55,8 +59,6 @@ def apply_cpu_compat() -> None:
 
 
 def _rope() -> None:
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
     init = RotaryEmbedding.__init__
 
     def __init__(self, *args, **kwargs):
@@ -77,8 +79,6 @@ def _rope() -> None:
 
 
 def _tp_gather() -> None:
-    from megatron.core.tensor_parallel import mappings
-
     original = mappings._gather_along_last_dim
 
     def gather_along_last_dim(input_, group):
@@ -93,13 +93,11 @@ def _tp_gather() -> None:
 
 
 def _recompute_rng() -> None:
-    from megatron.core.tensor_parallel import random as mrandom
-
     get_states, set_states = mrandom._get_all_rng_states, mrandom._set_all_rng_states
 
     def get_all_rng_states():
-        # (cpu, cuda, tracker) as megatron's; without CUDA there is no CUDA state to keep
-        if torch.cuda.is_available():
+        # (cpu, cuda, tracker) as megatron's on a GPU run; a CPU run has no CUDA state to keep
+        if use_gpu():
             return get_states()
         return torch.get_rng_state(), None, mrandom.get_cuda_rng_tracker().get_states()
 
@@ -114,8 +112,6 @@ def _recompute_rng() -> None:
 
 
 def _tied_embedding_allreduce() -> None:
-    from megatron.core.models.common.language_module.language_module import LanguageModule
-
     setup = LanguageModule.setup_embeddings_and_output_layer
 
     def setup_embeddings_and_output_layer(self):

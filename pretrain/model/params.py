@@ -1,4 +1,4 @@
-"""Parameter naming, tensor-parallel partition dims and the layout-independent init.
+"""Parameter naming, tensor-parallel partition dims (and each TP rank's heads) and the layout-independent init.
 
 Shared by the trainer (init), the checkpoint format (global names, partition dims) and the
 tools (consolidation): a parameter's *global name* is its name in the TP=1, PP=1 model (global
@@ -32,6 +32,16 @@ def global_names(gpt: GPTModel) -> dict[str, str]:
             name = embedding
         names[local] = name
     return names
+
+
+def tp_heads(num_heads: int, tp_size: int, tp_rank: int) -> slice:
+    """The attention heads TP rank `tp_rank` owns: megatron-core gives rank r the contiguous heads
+    [r * n/tp, (r + 1) * n/tp). Per-head tables (ALiBi slopes, T5 and KERPLE biases) are sliced
+    with it from their full (all-heads) value."""
+    if num_heads % tp_size:
+        raise ValueError(f"num_heads={num_heads} is not divisible by tensor parallel size {tp_size}")
+    local = num_heads // tp_size
+    return slice(tp_rank * local, (tp_rank + 1) * local)
 
 
 def partition_dim(p: torch.Tensor) -> int | None:

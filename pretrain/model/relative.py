@@ -29,6 +29,8 @@ from typing import ClassVar
 import torch
 from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
+from .params import tp_heads
+
 KERPLE_EPS = 1e-2
 """KERPLE's lower bound on r1 and r2 (`self.eps` of its `ParallelKerpleLog`)."""
 
@@ -61,14 +63,6 @@ def t5_bucket(rel: torch.Tensor, lut: torch.Tensor, causal: bool, num_buckets: i
     return side + (rel > 0).long() * (num_buckets // 2)
 
 
-def _local(num_heads: int, tp_size: int, tp_rank: int) -> slice:
-    """megatron-core gives TP rank r the heads [r * n/tp, (r + 1) * n/tp)."""
-    if num_heads % tp_size:
-        raise ValueError(f"num_heads={num_heads} is not divisible by tensor parallel size {tp_size}")
-    local = num_heads // tp_size
-    return slice(tp_rank * local, (tp_rank + 1) * local)
-
-
 def _positions(s: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.arange(s, device=device)[:, None], torch.arange(s, device=device)[None, :]  # i [s, 1], j [1, s]
 
@@ -79,7 +73,7 @@ class T5Bias(torch.nn.Module):
     def __init__(self, num_heads: int, tp_size: int, tp_rank: int, *, num_buckets: int, max_distance: int,
                  hidden_size: int, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.heads = _local(num_heads, tp_size, tp_rank)
+        self.heads = tp_heads(num_heads, tp_size, tp_rank)
         self.num_heads, self.num_buckets, self.max_distance = num_heads, num_buckets, max_distance
         self.init_std = hidden_size**-0.5  # HF T5 `_init_weights`: relative_attention_bias ~ N(0, d_model^-0.5)
         self.weight = torch.nn.Parameter(self.draw("weight")[:, self.heads].to(dtype))
@@ -125,7 +119,7 @@ class KerpleBias(torch.nn.Module):
 
     def __init__(self, num_heads: int, tp_size: int, tp_rank: int, *, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.heads = _local(num_heads, tp_size, tp_rank)
+        self.heads = tp_heads(num_heads, tp_size, tp_rank)
         self.num_heads = num_heads
         for name in self.INIT_SCALE:
             setattr(self, name, torch.nn.Parameter(self.draw(name)[self.heads].to(dtype)))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError, load_config
-from pretrain.model import build_model, parameter_count
+from pretrain.memory import parameter_count
+from pretrain.model import build_model
 from pretrain.model.attention import sdpa_kernel
 
 from .model_helpers import batch, small_config
@@ -45,8 +46,11 @@ def test_config_loads_and_validates(path):
 
 
 def test_1p3b_parameter_count(single_process):
-    m = load_config(Path(__file__).parents[2] / "configs/gpt_1p3b_alibi_L1024.yaml").model
-    n = parameter_count(m)
+    cfg = load_config(Path(__file__).parents[2] / "configs/gpt_1p3b_alibi_L1024.yaml")
+    m = cfg.model
+    with torch.device("meta"):  # the built model, without memory
+        n = sum(p.numel() for p in build_model(m).parameters())
+    assert parameter_count(cfg) == n  # the --dry-run estimate counts the same parameters
     d, f, V, L = m.hidden_size, m.ffn_hidden_size, m.vocab_size, m.num_layers
     # tied embedding + per layer (qkv 3d^2, proj d^2, fc1/fc2 2df, two LN weights) + final LN
     assert n == V * d + L * (4 * d * d + 2 * d * f + 2 * d) + d

@@ -329,6 +329,28 @@ def test_a_full_disk_during_a_save_gives_one_line_and_leaves_no_partial_checkpoi
     assert checkpoint.find_checkpoint(run)[0].name == "step_00000004"
 
 
+def test_a_full_disk_while_meta_json_is_written_gives_the_same_line(trained, tmp_path, monkeypatch):
+    """ENOSPC at the last write, rank 0's meta.json (every shard written and hashed): the same one
+    line, no partial checkpoint, `latest` untouched."""
+    import errno
+
+    run, trainer = copy_run(trained, tmp_path), trained[1]
+    tokenizer = checkpoint.find_checkpoint(run)[1]["tokenizer"]
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+
+    def full_disk(ckpt, meta):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(ckpt / "meta.json"))
+
+    monkeypatch.setattr(checkpoint, "write_meta", full_disk)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save_checkpoint(trainer, run, 4, {}, tokenizer)
+    message = str(e.value)
+    assert "\n" not in message and f"no space left on the device of {run / 'checkpoints'}" in message, message
+    assert os.strerror(errno.EDQUOT) in message and "(the size of step_00000003)" in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000003\n"
+
+
 def test_data_regenerated_in_place_is_in_the_resume_diff(trained, tmp_path, tiny_data, monkeypatch):
     """The same data directory, the same tokenizer, another corpus (preprocess rerun into it):
     the checkpoint's data fingerprint differs, so preflight refuses the resume naming

@@ -41,6 +41,8 @@ import platform
 import time
 from typing import TYPE_CHECKING
 
+from pretrain.parallel import use_gpu
+
 if TYPE_CHECKING:  # torch and the model's kernels are imported where used: --help stays instant
     import torch
 
@@ -153,11 +155,12 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     import torch
 
-    dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    dev = "cuda" if use_gpu() and not args.smoke else "cpu"
     if args.smoke:
         args.lengths, args.heads, args.head_dim, args.tokens, args.iters = args.lengths or [64, 128], 4, 16, 512, 2
     elif dev == "cpu":
-        ap.error("no CUDA device: the full benchmark needs a GPU; use --smoke for a CPU run")
+        ap.error("no CUDA device (or DS_ACCELERATOR names another accelerator): the full benchmark needs a GPU; "
+                 "use --smoke for a CPU run")
     args.lengths = args.lengths or [1024, 2048]
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     device = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({platform.processor() or platform.machine()})"

@@ -20,6 +20,7 @@ import torch
 
 from pretrain.config import load_config
 from pretrain.metrics import read_records
+from pretrain.parallel import use_gpu
 from tools.jobs import ROOT, JobError, child_env, train_cmd
 from tools.plotting import plot_bars
 
@@ -35,7 +36,7 @@ class BenchSpec:
 
 
 def device_name() -> str:
-    if torch.cuda.is_available():
+    if use_gpu():
         return torch.cuda.get_device_name()
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 

@@ -15,12 +15,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from pretrain.config import load_config
+from pretrain.memory import parameter_count
+from pretrain.layout import Layout
+from pretrain.parallel import init_model_parallel, read_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,9 +39,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from pretrain import checkpoint, reshard
     from pretrain.engine import Trainer
-    from pretrain.memory import parameter_count
-    from pretrain.layout import Layout
-    from pretrain.parallel import init_model_parallel, read_env
 
     env = read_env()
     world = env.world_size
@@ -97,6 +98,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
-    import os
-
     os._exit(code)

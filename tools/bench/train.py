@@ -23,6 +23,8 @@ from pathlib import Path
 
 from pretrain.config import Config, load_config  # light (no torch): --help stays instant
 from pretrain.layout import Layout
+from pretrain.memory import estimate_memory
+from pretrain.parallel import accelerator_device, init_model_parallel, read_env, use_gpu
 
 
 def measure(cfg: Config, layout: Layout, steps: int, warmup: int) -> dict:
@@ -33,9 +35,7 @@ def measure(cfg: Config, layout: Layout, steps: int, warmup: int) -> dict:
     from megatron.core import parallel_state as ps
 
     from pretrain.engine import Trainer
-    from pretrain.memory import estimate_memory
     from pretrain.metrics import peak_memory_gb, throughput
-    from pretrain.parallel import accelerator_device, use_gpu
 
     gpu = use_gpu()
     trainer = Trainer(cfg, layout)
@@ -91,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the result(s) as JSON here")
     ap.add_argument("overrides", nargs="*", help="key.path=value config overrides (YAML value)")
     args = ap.parse_args(argv)
-    import torch
-
-    from pretrain.parallel import init_model_parallel, read_env, use_gpu
+    import torch  # not at the top: --help stays instant
 
     env = read_env()  # the launcher's ranks (torchrun, srun or one process), exactly as train.py reads them
     cfg = load_config(args.config, args.overrides)
