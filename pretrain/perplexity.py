@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 Method = Literal["nonoverlapping", "sliding"]
 NllFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -96,8 +97,6 @@ def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, length: int, *, method
                stride: int | None = None, batch_size: int = 1, device: torch.device | str = "cpu",
                desc: str | None = None) -> Result:
     """Perplexity of `logits_fn` on the 1-D stream `tokens` at context `length` (see module doc)."""
-    from tqdm import tqdm
-
     bar = tqdm(total=len(plan_windows(tokens.numel(), length, method, stride)[0]), desc=desc, unit="window",
                leave=False, disable=desc is None)
 

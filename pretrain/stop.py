@@ -8,6 +8,8 @@ import os
 import signal
 import sys
 
+from pretrain.parallel import accelerator_device
+
 INTERRUPTED = 130
 """The exit code of a second Ctrl-C (128 + SIGINT, what a shell reports for a process it ended)."""
 
@@ -35,10 +37,8 @@ class StopRequest:
 
     def agreed(self) -> int:
         """The signal any rank received (all ranks see the same answer: one tiny all-reduce)."""
-        import torch
+        import torch  # here: this module is imported before argument parsing, torch after --help
         import torch.distributed as dist
-
-        from pretrain.parallel import accelerator_device
 
         flag = torch.tensor([self.signum], dtype=torch.int64, device=accelerator_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
