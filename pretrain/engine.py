@@ -37,9 +37,10 @@ def use_bf16(cfg: Config) -> bool:
 
 
 def _avoid_deepspeed_jit() -> None:
-    """On CPU, DeepSpeed's TorchBackend JIT-compiles a shared-memory all-reduce op (~2 min of g++)
-    the first time it starts; gloo does the same job here, so tell it the op is unavailable.
-    (The other hidden build, CPU FusedAdam, is avoided by `torch_adam: true` in ds_config.)"""
+    """On CPU, DeepSpeed's TorchBackend JIT-compiles a shared-memory all-reduce op the first
+    time it starts (~1 min of g++: Trainer start-up 59.7 s with it, 3.6 s without, docs/benchmarks.md);
+    gloo does the same job here, so tell it the op is unavailable. (The other hidden build, CPU
+    FusedAdam, is avoided by `torch_adam: true` in ds_config.)"""
     if get_accelerator().device_name() == "cpu":
         # (`import deepspeed.comm.torch` would bind the torch package: deepspeed.comm re-exports it)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
@@ -195,7 +196,7 @@ def ds_config(cfg: Config, layout: Layout, timers: bool = False) -> dict[str, An
         "gradient_accumulation_steps": layout.accumulation,
         "optimizer": {
             "type": "AdamW",
-            # torch_adam: torch's AdamW instead of DeepSpeed's JIT-built FusedAdam (~2 min build on
+            # torch_adam: torch's AdamW instead of DeepSpeed's JIT-built FusedAdam (~1 min build on
             # CPU, a CUDA toolchain on GPU); on GPU torch's own fused kernel (fused=True).
             "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
                        "torch_adam": True, "adam_w_mode": True, **({"fused": True} if use_gpu() else {})},

@@ -1,6 +1,9 @@
-"""Perplexity of a causal LM over one token stream, nonoverlapping (the paper's) or sliding: the
-one definition that training validation (`loop.validate_ppl`) and tools/eval_extrapolation.py
-both use, so a checkpoint's logged val/ppl_at_<n> and the tool agree.
+"""Perplexity of a causal LM over one token stream, nonoverlapping (the paper's) or sliding.
+
+The windows are defined once, here (`plan_windows`): training validation (`loop.validate_ppl`,
+nonoverlapping windows from `nonoverlapping_windows`, scored by the trainer and summed over
+data-parallel ranks) and tools/eval_extrapolation.py (`perplexity`, either method) cut the same
+windows, so a checkpoint's logged val/ppl_at_<n> and the tool's nonoverlapping number agree.
 
 Both methods cut the stream into windows of `length` input tokens; window `k` reads
 `T[s_k : s_k + length]` and predicts `T[s_k + 1 : s_k + length + 1]`.

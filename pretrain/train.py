@@ -1,4 +1,4 @@
-"""Train a GPT (ALiBi / sinusoidal / rope / none) with DeepSpeed ZeRO, tensor and pipeline parallelism.
+"""Train a GPT (ALiBi / sinusoidal / rope / t5 / kerple / none) with DeepSpeed ZeRO, tensor and pipeline parallelism.
 
     python pretrain/train.py --config FILE [--run-dir DIR] [--data DIR] [--steps N] [--tp N] [--pp N]
         [--zero-stage N] [--seq-length L] [--micro-batch N] [--save-interval N] [--log-interval N]
