@@ -7,19 +7,23 @@ checkpoint.py (save/resume), metrics.py (records) and perplexity.py (validation 
 from __future__ import annotations
 
 import math
+import netrc
+import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
+import psutil
 import torch
 import torch.distributed as dist
 
 from pretrain import checkpoint, data, rundir
 from pretrain.checkpoint import Changes, Found
 from pretrain.config import Config, ConfigError, to_dict
-from pretrain.data import TrainingData
+from pretrain.data import TrainingData, load_data
 from pretrain.metrics import MetricsLogger, peak_memory_gb, throughput
 from pretrain.parallel import DistEnv, Layout, accelerator_device, init_model_parallel
 from pretrain.perplexity import nonoverlapping_windows
@@ -54,9 +58,7 @@ class Plan:
 
 def fingerprint(data: TrainingData) -> dict[str, str]:
     """What a checkpoint records of `data` (checkpoint.data_fingerprint), compared on resume."""
-    from pretrain.checkpoint import data_fingerprint
-
-    return data_fingerprint({str(s.path): s.manifest for s in data.sources})
+    return checkpoint.data_fingerprint({str(s.path): s.manifest for s in data.sources})
 
 
 INDEX_BYTES_PER_SAMPLE = 40
@@ -69,10 +71,6 @@ def data_errors(cfg: Config) -> tuple[TrainingData | None, list[str]]:
     """The data checks of a run (train.py --dry-run --data makes the same): the manifests
     against the config (data.load_data), then whether megatron's sample indices for train.steps
     fit this machine's memory (they are built in memory on every rank)."""
-    import psutil
-
-    from pretrain.data import load_data
-
     try:
         data = load_data(cfg)
     except ConfigError as e:
@@ -92,10 +90,8 @@ def data_errors(cfg: Config) -> tuple[TrainingData | None, list[str]]:
 def runtime_errors(cfg: Config) -> list[str]:
     """What this machine or account lacks for the config: a GPU-only attention kernel on a CPU
     machine, wandb online without credentials."""
-    import os
-
-    from pretrain.model.attention import kernel_unavailable
-    from pretrain.parallel import use_gpu
+    from pretrain.model.attention import kernel_unavailable  # megatron: kept out of --dry-run, which imports loop
+    from pretrain.parallel import use_gpu  # looked up per call: tests set parallel.use_gpu
 
     errors = []
     backend = cfg.model.attention_backend
@@ -111,10 +107,6 @@ def runtime_errors(cfg: Config) -> list[str]:
 
 def _wandb_credentials() -> bool:
     """An API key in the environment or in the netrc file that `wandb login` writes."""
-    import netrc
-    import os
-    from urllib.parse import urlparse
-
     if os.environ.get("WANDB_API_KEY"):
         return True
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
