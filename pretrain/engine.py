@@ -374,9 +374,10 @@ class Trainer:
     @torch.no_grad()
     def nll(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token NLL [b, L] of `targets` given `inputs` (pp == 1; any length)."""
+        device = accelerator_device()
         pos = torch.arange(inputs.shape[1]).expand_as(inputs)
         with self._evaluating():
-            out = self.gpt(inputs.to(accelerator_device()), pos.to(accelerator_device()), None, labels=targets.to(accelerator_device()))
+            out = self.gpt(inputs.to(device), pos.to(device), None, labels=targets.to(device))
         return out.float()
 
     @torch.no_grad()

@@ -320,13 +320,14 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
     t_start = t_log = time.time()
     steps_since_log = 0
     while step < cfg.train.steps:
-        lr = lr_at(step, cfg.optim, cfg.train.steps)
-        result = trainer.train_step(reader.micro_batches(step), lr)
+        lr = lr_at(step, cfg.optim, cfg.train.steps)  # a function of the step: a resume needs no scheduler state
+        result = trainer.train_step(reader.micro_batches(step), lr)  # a non-finite loss anywhere: update skipped
         step += 1
         steps_since_log += 1
         bad_in_row = bad_in_row + 1 if result.skipped else 0
         skipped += int(result.skipped)
 
+        # Reading result.grad_norm waits for the GPU: done only on the steps that log.
         if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
             step_time = (time.time() - t_log) / steps_since_log
             logger.log({"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
@@ -349,7 +350,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
                 f"{bad_in_row} non-finite losses in a row (train.max_bad_steps={cfg.train.max_bad_steps}) at "
                 f"step {step}; {where}. Lower optim.lr, raise optim.warmup_steps or check the data, then "
                 "resume from the checkpoint.")
-        signum = stop.agreed()
+        signum = stop.agreed()  # any rank's signal, agreed by all: every rank stops after this same step
         if signum or step % cfg.checkpoint.save_interval == 0 or step == cfg.train.steps:
             save(step)
         if signum:

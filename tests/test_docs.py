@@ -27,9 +27,9 @@ LIBRARY_FILES = {  # files of the libraries the docs cite (megatron-core, DeepSp
 }
 OTHER_FLAGS = {  # flags of other programs named in the prose (pip, sbatch, srun, pytest)
     "--no-index", "--no-deps", "--target", "--index-url", "--export", "--requeue", "--signal", "--nodes",
-    "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--account", "--time", "--partition", "--kill-on-bad-exit",
-    "--open-mode", "--durations", "--array", "--no-kill", "--ntasks", "--exclusive", "--cpu-bind", "--mem",
-    "--gres", "--wait", "--overlap",
+    "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--account", "--time", "--partition",
+    "--kill-on-bad-exit", "--open-mode", "--durations", "--array", "--no-kill", "--ntasks", "--exclusive",
+    "--cpu-bind", "--mem", "--gres", "--wait", "--overlap",
 }
 PSEUDO_KEYS = {"data.manifest"}  # --allow-config-change's name for data regenerated in place (train.allowed_changes)
 
@@ -222,10 +222,11 @@ def problems(text: str) -> list[str]:
         words = span.split()
         for word in words:
             word = word.strip(",;:()")
-            if re.fullmatch(r"[\w./{},*-]+\.(py|sh|yaml|md|txt|toml|png)", word) or re.fullmatch(r"[\w.-]+/[\w./-]*", word):
+            if re.fullmatch(r"[\w./{},*-]+\.(py|sh|yaml|md|txt|toml|png)", word) or \
+                    re.fullmatch(r"[\w.-]+/[\w./-]*", word):
                 out.append(path_problem(word))
-        if len(words) == 1 and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+(\(.*\))?", span) and \
-                not re.search(r"\.(py|pyi|json|jsonl|yaml|txt|md|sh|lock|log|tmp|index|xxh3_128|JSONL|GZ|ndjson)$", span):
+        filename = re.search(r"\.(py|pyi|json|jsonl|yaml|txt|md|sh|lock|log|tmp|index|xxh3_128|JSONL|GZ|ndjson)$", span)
+        if len(words) == 1 and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+(\(.*\))?", span) and not filename:
             out.append(name_problem(span))
         if len(words) > 1 and re.fullmatch(r"[a-z][\w-]*", words[0]) and words[0] != "python":
             continue  # another program's command line (squeue --me, scancel --batch)
