@@ -196,6 +196,7 @@ def help_text(*argv: str) -> str:
 def script_flags(argv: list[str]) -> set[str]:
     """The flags `--help` lists for `python ARGV` (and for its subcommand, when the next word is one)."""
     text = help_text(*argv[:2]) if argv[0] == "-m" else help_text(argv[0])
+    assert text, f"python {' '.join(argv[:2] if argv[0] == '-m' else argv[:1])} --help failed"
     rest = argv[2:] if argv[0] == "-m" else argv[1:]
     if rest and re.fullmatch(r"[a-z]+", rest[0]):
         text += help_text(*(argv[:2] if argv[0] == "-m" else argv[:1]), rest[0])
