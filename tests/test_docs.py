@@ -179,7 +179,7 @@ def path_problem(name: str) -> str | None:
 def is_script(word: str) -> bool:
     """`word` is one of our command-line scripts (a file with argparse and a __main__ block)."""
     path = REPO / word
-    if not (word.endswith(".py") and path.is_file()):
+    if not (word.endswith(".py") and word.split("/")[0] in PACKAGES and path.is_file()):
         return False
     text = path.read_text()
     return "argparse" in text and '__name__ == "__main__"' in text
