@@ -1,5 +1,5 @@
 """The docs name only what exists: every backticked file path, `module.function` (or
-`Class.method`, or config key) and `--flag` in the READMEs and docs/*.md, and every flag of a
+`Class.method`, or config key), `test_name` and `--flag` in the READMEs and docs/*.md, and every flag of a
 `python SCRIPT ...` command in their code blocks, is checked against the tree (files on disk,
 names defined in the module's source, flags in the script's --help)."""
 
@@ -153,6 +153,15 @@ def name_problem(name: str) -> str | None:
 
 
 @functools.cache
+def test_names() -> set[str]:
+    """The test functions and test modules of tests/ (the docs cite them as evidence)."""
+    names = set()
+    for path in (REPO / "tests").rglob("test_*.py"):
+        names |= {path.stem, *re.findall(r"def (test_\w+)", path.read_text())}
+    return names
+
+
+@functools.cache
 def tops() -> set[str]:
     """The repository's top-level folders and files (a path elsewhere is an example, not ours)."""
     return {p.name for p in REPO.iterdir() if not p.name.startswith(".") and p.name != "outputs"}
@@ -226,6 +235,8 @@ def problems(text: str) -> list[str]:
             if re.fullmatch(r"[\w./{},*-]+\.(py|sh|yaml|md|txt|toml|png)", word) or \
                     re.fullmatch(r"[\w.-]+/[\w./-]*", word):
                 out.append(path_problem(word))
+            if re.fullmatch(r"test_\w+", word) and word not in test_names():
+                out.append(f"`{word}`: no test function or test file of that name in tests/")
         filename = re.search(r"\.(py|pyi|json|jsonl|yaml|txt|md|sh|lock|log|tmp|index|xxh3_128|JSONL|GZ|ndjson)$", span)
         if len(words) == 1 and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+(\(.*\))?", span) and not filename:
             out.append(name_problem(span))
@@ -253,14 +264,16 @@ def test_docs_name_only_what_exists(doc):
 def test_a_stale_name_is_caught():
     """Each kind of stale name, planted in a doc, is reported (and the real ones beside it are not)."""
     planted = ("See `pretrain/gone.py`, `spec.no_such_function`, `Trainer.no_such_method`, "
-               "`model.no_such_key` and `--no-such-flag`; but `pretrain/loop.py`, `loop.preflight`, "
-               "`Trainer.train_step`, `model.seq_length` and `--dry-run` exist.\n\n"
+               "`model.no_such_key`, `test_no_such_test` and `--no-such-flag`; but `pretrain/loop.py`, "
+               "`loop.preflight`, `Trainer.train_step`, `model.seq_length`, `test_a_stale_name_is_caught` "
+               "and `--dry-run` exist.\n\n"
                "```bash\npython pretrain/train.py --config x.yaml --stale-flag\n```\n")
     found = "\n".join(problems(planted))
     for stale in ("pretrain/gone.py", "spec.no_such_function", "Trainer.no_such_method", "model.no_such_key",
-                  "--no-such-flag", "--stale-flag"):
+                  "test_no_such_test", "--no-such-flag", "--stale-flag"):
         assert stale in found, (stale, found)
-    for real in ("pretrain/loop.py", "loop.preflight", "Trainer.train_step", "model.seq_length"):
+    for real in ("pretrain/loop.py", "loop.preflight", "Trainer.train_step", "model.seq_length",
+                 "test_a_stale_name_is_caught"):
         assert f"`{real}`" not in found, (real, found)
     for real in ("--dry-run", "--config"):
         assert f"{real} is no flag" not in found, (real, found)
