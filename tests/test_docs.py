@@ -153,7 +153,7 @@ def name_problem(name: str) -> str | None:
 
 
 @functools.cache
-def test_names() -> set[str]:
+def cited_tests() -> set[str]:
     """The test functions and test modules of tests/ (the docs cite them as evidence)."""
     names = set()
     for path in (REPO / "tests").rglob("test_*.py"):
@@ -235,7 +235,7 @@ def problems(text: str) -> list[str]:
             if re.fullmatch(r"[\w./{},*-]+\.(py|sh|yaml|md|txt|toml|png)", word) or \
                     re.fullmatch(r"[\w.-]+/[\w./-]*", word):
                 out.append(path_problem(word))
-            if re.fullmatch(r"test_\w+", word) and word not in test_names():
+            if re.fullmatch(r"test_\w+", word) and word not in cited_tests():
                 out.append(f"`{word}`: no test function or test file of that name in tests/")
         filename = re.search(r"\.(py|pyi|json|jsonl|yaml|txt|md|sh|lock|log|tmp|index|xxh3_128|JSONL|GZ|ndjson)$", span)
         if len(words) == 1 and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+(\(.*\))?", span) and not filename:
