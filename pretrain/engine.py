@@ -11,6 +11,8 @@ DeepSpeed as its `mpu` so gradient norms and ZeRO partitions span the right rank
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
@@ -35,12 +38,11 @@ def use_bf16(cfg: Config) -> bool:
 
 
 def _avoid_deepspeed_jit() -> None:
-    """On CPU, DeepSpeed's TorchBackend JIT-compiles a shared-memory all-reduce op (~2 min of g++)
-    the first time it starts; gloo does the same job here, so tell it the op is unavailable.
-    (The other hidden build, CPU FusedAdam, is avoided by `torch_adam: true` in ds_config.)"""
+    """On CPU, DeepSpeed's TorchBackend JIT-compiles a shared-memory all-reduce op the first
+    time it starts (~1 min of g++: Trainer start-up 59.7 s with it, 3.6 s without, docs/benchmarks.md);
+    gloo does the same job here, so tell it the op is unavailable. (The other hidden build, CPU
+    FusedAdam, is avoided by `torch_adam: true` in ds_config.)"""
     if get_accelerator().device_name() == "cpu":
-        import importlib
-
         # (`import deepspeed.comm.torch` would bind the torch package: deepspeed.comm re-exports it)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
@@ -195,7 +197,7 @@ def ds_config(cfg: Config, layout: Layout, timers: bool = False) -> dict[str, An
         "gradient_accumulation_steps": layout.accumulation,
         "optimizer": {
             "type": "AdamW",
-            # torch_adam: torch's AdamW instead of DeepSpeed's JIT-built FusedAdam (~2 min build on
+            # torch_adam: torch's AdamW instead of DeepSpeed's JIT-built FusedAdam (~1 min build on
             # CPU, a CUDA toolchain on GPU); on GPU torch's own fused kernel (fused=True).
             "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
                        "torch_adam": True, "adam_w_mode": True, **({"fused": True} if use_gpu() else {})},
@@ -246,7 +248,8 @@ class StepResult:
 
 
 class Trainer:
-    """Owns the DeepSpeed engine; `train_step` runs one optimizer step over a global batch."""
+    """Owns the DeepSpeed engine; `train_step` runs one optimizer step over a global batch,
+    `nll` (pp == 1) and `pipeline_mean_nll` (pp > 1) score windows for validation."""
 
     def __init__(self, cfg: Config, layout: Layout):
         _avoid_deepspeed_jit()
@@ -260,8 +263,6 @@ class Trainer:
             module = GPTWithLoss(self.gpt)
             mpu = MegatronMPU()
         else:
-            from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
             topo = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
             module = StagePipe(layers=[deepspeed.pipe.LayerSpec(GPTStage, cfg) for _ in range(self.pp)],
                                topology=topo, loss_fn=_pipeline_loss(self.state), partition_method="uniform")
@@ -286,6 +287,11 @@ class Trainer:
             mpu=mpu)
         self.attention_kernel: str = self.gpt.attention_kernel
         self._install_skip_hook()
+
+    @property
+    def precision(self) -> str:
+        """bf16 or fp32: what the engine computes in (named in the run's metrics)."""
+        return "bf16" if self.engine.bfloat16_enabled() else "fp32"
 
     def _install_skip_hook(self) -> None:
         """Skip the optimizer update of a step that saw a non-finite loss on any rank. DeepSpeed
@@ -357,12 +363,22 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
 
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """The engine in eval mode (no dropout) inside, back in train mode after."""
+        self.engine.eval()
+        try:
+            yield
+        finally:
+            self.engine.train()
+
     @torch.no_grad()
     def nll(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token NLL [b, L] of `targets` given `inputs` (pp == 1; any length)."""
-        self.engine.eval()
+        device = accelerator_device()
         pos = torch.arange(inputs.shape[1]).expand_as(inputs)
-        out = self.gpt(inputs.to(accelerator_device()), pos.to(accelerator_device()), None, labels=targets.to(accelerator_device()))
+        with self._evaluating():
+            out = self.gpt(inputs.to(device), pos.to(device), None, labels=targets.to(device))
         return out.float()
 
     @torch.no_grad()
@@ -372,6 +388,7 @@ class Trainer:
         self.engine.reset_activation_shape()  # the evaluation length differs from training
         ones = torch.ones_like(windows[0][1], dtype=torch.float32)
         it = iter([((x, torch.arange(x.shape[1]).expand_as(x)), (y, ones)) for x, y in windows])
-        loss = self.engine.eval_batch(it, num_micro_batches=len(windows))
+        with self._evaluating():  # eval_batch sets eval mode itself and leaves it on
+            loss = self.engine.eval_batch(it, num_micro_batches=len(windows))
         self.engine.reset_activation_shape()
         return float(loss)

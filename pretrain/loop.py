@@ -7,22 +7,33 @@ checkpoint.py (save/resume), metrics.py (records) and perplexity.py (validation 
 from __future__ import annotations
 
 import math
+import netrc
+import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
+import psutil
 import torch
 import torch.distributed as dist
 
-from pretrain import rundir
+from pretrain import checkpoint, data, rundir
 from pretrain.checkpoint import Found
 from pretrain.config import Config, ConfigError, to_dict
-from pretrain.data import TrainingData
+from pretrain.data import TrainingData, load_data
 from pretrain.layout import Layout
-from pretrain.parallel import DistEnv, accelerator_device
+from pretrain.metrics import MetricsLogger, peak_memory_gb, throughput
+from pretrain.parallel import DistEnv, accelerator_device, init_model_parallel
+from pretrain.perplexity import nonoverlapping_windows
 from pretrain.resume import Changes, layout_change, resume_changes
+from pretrain.schedule import lr_at
 from pretrain.stop import StopRequest
+
+if TYPE_CHECKING:  # imported where it is used: deepspeed and megatron stay out of --dry-run
+    from pretrain.engine import Trainer
 
 
 class TrainingError(RuntimeError):
@@ -49,9 +60,7 @@ class Plan:
 
 def fingerprint(data: TrainingData) -> dict[str, str]:
     """What a checkpoint records of `data` (checkpoint.data_fingerprint), compared on resume."""
-    from pretrain.checkpoint import data_fingerprint
-
-    return data_fingerprint({str(s.path): s.manifest for s in data.sources})
+    return checkpoint.data_fingerprint({str(s.path): s.manifest for s in data.sources})
 
 
 INDEX_BYTES_PER_SAMPLE = 40
@@ -64,10 +73,6 @@ def data_errors(cfg: Config) -> tuple[TrainingData | None, list[str]]:
     """The data checks of a run (train.py --dry-run --data makes the same): the manifests
     against the config (data.load_data), then whether megatron's sample indices for train.steps
     fit this machine's memory (they are built in memory on every rank)."""
-    import psutil
-
-    from pretrain.data import load_data
-
     try:
         data = load_data(cfg)
     except ConfigError as e:
@@ -87,10 +92,8 @@ def data_errors(cfg: Config) -> tuple[TrainingData | None, list[str]]:
 def runtime_errors(cfg: Config) -> list[str]:
     """What this machine or account lacks for the config: a GPU-only attention kernel on a CPU
     machine, wandb online without credentials."""
-    import os
-
-    from pretrain.model.attention import kernel_unavailable
-    from pretrain.parallel import use_gpu
+    from pretrain.model.attention import kernel_unavailable  # megatron: kept out of --dry-run, which imports loop
+    from pretrain.parallel import use_gpu  # looked up per call: tests set parallel.use_gpu
 
     errors = []
     backend = cfg.model.attention_backend
@@ -106,10 +109,6 @@ def runtime_errors(cfg: Config) -> list[str]:
 
 def _wandb_credentials() -> bool:
     """An API key in the environment or in the netrc file that `wandb login` writes."""
-    import netrc
-    import os
-    from urllib.parse import urlparse
-
     if os.environ.get("WANDB_API_KEY"):
         return True
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
@@ -177,8 +176,6 @@ def validate_ppl(trainer, cfg: Config, tokens: torch.Tensor) -> dict[int, float]
     schedule needs equal micro-batch counts per replica; validation is small)."""
     from megatron.core import parallel_state as ps
 
-    from pretrain.perplexity import nonoverlapping_windows
-
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     out = {}
     for mult in cfg.validation.length_multipliers:
@@ -206,7 +203,6 @@ def validate_ppl(trainer, cfg: Config, tokens: torch.Tensor) -> dict[int, float]
             dist.all_reduce(total, group=ps.get_data_parallel_group())
             mean = float(total[0] / total[1])
         out[length] = math.exp(mean)
-    trainer.engine.train()
     return out
 
 
@@ -214,8 +210,6 @@ def train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest | None = N
           allow: tuple[str, ...] = ()) -> int:
     """Preflight, start the process group, lock the run directory, train (resuming from its
     newest verified checkpoint) to train.steps or a stop signal. Returns the exit code."""
-    from pretrain.parallel import init_model_parallel
-
     plan = preflight(cfg, env, run_dir, allow)
     layout = plan.layout
     stop = stop or StopRequest()
@@ -242,13 +236,32 @@ def _lock_run_dir(run_dir: Path, rank: int) -> rundir.RunLock:
     return lock
 
 
-def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Plan, allow: tuple[str, ...]) -> int:
+@dataclass
+class Start:
+    """Where this start of the step loop begins: built by `_start`, read by `_train`."""
+
+    trainer: Trainer
+    reader: data.BatchReader
+    logger: MetricsLogger
+    val_tokens: torch.Tensor | None
+    """The validation stream (None: validation.interval is 0)."""
+    step: int
+    bad_in_row: int
+    skipped: int
+    last_ckpt: Path | None
+    """The checkpoint resumed from (None: a fresh run)."""
+    data_id: dict[str, str]
+    """`fingerprint(plan.data)`, recorded in every checkpoint."""
+
+
+def _start(cfg: Config, run_dir: Path, env: DistEnv, plan: Plan, allow: tuple[str, ...]) -> Start:
+    """The set-up half of a start: the engine, its state from the newest checkpoint that loads
+    (the config diff redone if that is an older one than preflight checked), the data reader at
+    the checkpoint's sample, the validation tokens, config.yaml and the resume lines (rank 0),
+    the metrics logger."""
     from megatron.core import parallel_state as ps
 
-    from pretrain import checkpoint, data
     from pretrain.engine import Trainer
-    from pretrain.metrics import MetricsLogger, peak_memory_gb, throughput
-    from pretrain.schedule import lr_at
 
     layout, tokenizer = plan.layout, plan.data.tokenizer
     trainer = Trainer(cfg, layout)
@@ -262,7 +275,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
             if changes.refused:
                 raise checkpoint.CheckpointError("; ".join(f"cannot resume {ckpt}: {p}" for p in changes.refused))
     step, bad_in_row, skipped = meta.get("step", 0), meta.get("bad_in_row", 0), meta.get("skipped_total", 0)
-    start_step, origin = step, (step, meta.get("consumed_samples", 0))
+    origin = (step, meta.get("consumed_samples", 0))
     reader = data.BatchReader(data.build_train_dataset(cfg, plan.data, origin), cfg, ps.get_data_parallel_rank(),
                               ps.get_data_parallel_world_size(), origin)
     val_tokens = None
@@ -281,8 +294,18 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
             print(f"  config history: {history}", flush=True)
     logger = MetricsLogger(cfg, run_dir, env.rank, step)
     logger.describe_run({"attention_kernel": trainer.attention_kernel, "device": accelerator_device(),
-                         "precision": "bf16" if trainer.engine.bfloat16_enabled() else "fp32"})
+                         "precision": trainer.precision})
     last_ckpt = resumed[0] if resumed is not None else None
+    return Start(trainer, reader, logger, val_tokens, step, bad_in_row, skipped, last_ckpt, data_id)
+
+
+def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Plan, allow: tuple[str, ...]) -> int:
+    """Train from where `_start` left off to train.steps, a stop signal, or K bad steps in a row."""
+    s = _start(cfg, run_dir, env, plan, allow)
+    trainer, reader, logger, val_tokens, data_id = s.trainer, s.reader, s.logger, s.val_tokens, s.data_id
+    layout, tokenizer = plan.layout, plan.data.tokenizer
+    step, bad_in_row, skipped, last_ckpt = s.step, s.bad_in_row, s.skipped, s.last_ckpt
+    start_step = step
 
     def save(at: int) -> None:
         nonlocal last_ckpt
@@ -299,13 +322,14 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
     t_start = t_log = time.time()
     steps_since_log = 0
     while step < cfg.train.steps:
-        lr = lr_at(step, cfg.optim, cfg.train.steps)
-        result = trainer.train_step(reader.micro_batches(step), lr)
+        lr = lr_at(step, cfg.optim, cfg.train.steps)  # a function of the step: a resume needs no scheduler state
+        result = trainer.train_step(reader.micro_batches(step), lr)  # a non-finite loss anywhere: update skipped
         step += 1
         steps_since_log += 1
         bad_in_row = bad_in_row + 1 if result.skipped else 0
         skipped += int(result.skipped)
 
+        # Reading result.grad_norm waits for the GPU: done only on the steps that log.
         if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
             step_time = (time.time() - t_log) / steps_since_log
             logger.log({"step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
@@ -328,7 +352,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
                 f"{bad_in_row} non-finite losses in a row (train.max_bad_steps={cfg.train.max_bad_steps}) at "
                 f"step {step}; {where}. Lower optim.lr, raise optim.warmup_steps or check the data, then "
                 "resume from the checkpoint.")
-        signum = stop.agreed()
+        signum = stop.agreed()  # any rank's signal, agreed by all: every rank stops after this same step
         if signum or step % cfg.checkpoint.save_interval == 0 or step == cfg.train.steps:
             save(step)
         if signum:
@@ -343,9 +367,7 @@ def _train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest, plan: Pl
 
 def _last_good(run_dir: Path) -> str:
     """Which checkpoint is the last good one (written before the run diverged), for the messages."""
-    from pretrain.checkpoint import checkpoints_dir, last_good
-
-    good = last_good(checkpoints_dir(run_dir))
+    good = checkpoint.last_good(checkpoint.checkpoints_dir(run_dir))
     return (f"the last good checkpoint (before the non-finite losses) is {good}, kept while the run "
             "diverges" if good else "no checkpoint was written before the non-finite losses")
 

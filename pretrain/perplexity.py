@@ -1,6 +1,9 @@
-"""Perplexity of a causal LM over one token stream, nonoverlapping (the paper's) or sliding: the
-one definition that training validation (`loop.validate_ppl`) and tools/eval_extrapolation.py
-both use, so a checkpoint's logged val/ppl_at_<n> and the tool agree.
+"""Perplexity of a causal LM over one token stream, nonoverlapping (the paper's) or sliding.
+
+The windows are defined once, here (`plan_windows`): training validation (`loop.validate_ppl`,
+nonoverlapping windows from `nonoverlapping_windows`, scored by the trainer and summed over
+data-parallel ranks) and tools/eval_extrapolation.py (`perplexity`, either method) cut the same
+windows, so a checkpoint's logged val/ppl_at_<n> and the tool's nonoverlapping number agree.
 
 Both methods cut the stream into windows of `length` input tokens; window `k` reads
 `T[s_k : s_k + length]` and predicts `T[s_k + 1 : s_k + length + 1]`.
@@ -22,6 +25,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 Method = Literal["nonoverlapping", "sliding"]
 NllFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -96,8 +100,6 @@ def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, length: int, *, method
                stride: int | None = None, batch_size: int = 1, device: torch.device | str = "cpu",
                desc: str | None = None) -> Result:
     """Perplexity of `logits_fn` on the 1-D stream `tokens` at context `length` (see module doc)."""
-    from tqdm import tqdm
-
     bar = tqdm(total=len(plan_windows(tokens.numel(), length, method, stride)[0]), desc=desc, unit="window",
                leave=False, disable=desc is None)
 

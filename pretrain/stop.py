@@ -35,7 +35,7 @@ class StopRequest:
 
     def agreed(self) -> int:
         """The signal any rank received (all ranks see the same answer: one tiny all-reduce)."""
-        import torch
+        import torch  # here: this module is imported before argument parsing, torch after --help
         import torch.distributed as dist
 
         from pretrain.parallel import accelerator_device

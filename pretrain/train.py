@@ -1,4 +1,4 @@
-"""Train a GPT (ALiBi / sinusoidal / rope / none) with DeepSpeed ZeRO, tensor and pipeline parallelism.
+"""Train a GPT (ALiBi / sinusoidal / rope / t5 / kerple / none) with DeepSpeed ZeRO, tensor and pipeline parallelism.
 
     python pretrain/train.py --config FILE [--run-dir DIR] [--data DIR] [--steps N] [--tp N] [--pp N]
         [--zero-stage N] [--seq-length L] [--micro-batch N] [--save-interval N] [--log-interval N]
@@ -24,6 +24,9 @@ import sys
 from pathlib import Path
 
 from pretrain.config import Config, ConfigError, DataSource, flatten, load_config, to_dict
+from pretrain.memory import estimate_memory
+from pretrain.layout import Layout
+from pretrain.rundir import RunDirError
 from pretrain.stop import StopRequest
 
 FLAGS = {  # flag -> config path
@@ -76,16 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                          "position (e.g. model.seq_length train.global_batch_size tokenizer data.manifest)")
     args = ap.parse_args(argv)
     stop = None if args.dry_run else StopRequest()  # before the slow imports: no signal is lost
-
-    from pretrain.layout import Layout
-    from pretrain.parallel import LaunchError, read_env
-
     try:
         cfg = build_config(args)
         allow = allowed_changes(args.allow_config_change, cfg)
         if args.dry_run:
-            from pretrain.memory import estimate_memory
-
             world = args.world_size or int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
             cfg.validate(world)
             if args.data:  # the real run's data checks (vocabulary, shards, sample index size)
@@ -108,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.checkpoint import CheckpointError
         from pretrain.data import DamagedShardError
         from pretrain.loop import TrainingError, train
-        from pretrain.rundir import RunDirError
+        from pretrain.parallel import LaunchError, read_env
 
         run_dir = Path(args.run_dir or Path("outputs") / Path(args.config).stem)
         try:

@@ -3,7 +3,8 @@
     python tools/convert_to_hf.py --checkpoint RUN_DIR --output HF_DIR [--max-positions N] [--tokenizer X] \
         [--overwrite]
 
-ALiBi -> MptForCausalLM, sinusoidal -> GPT2LMHeadModel (exact, see tools/hf_export.py), saved
+ALiBi -> MptForCausalLM, sinusoidal -> GPT2LMHeadModel, rotary and none -> GPTNeoXForCausalLM
+(exact, see tools/hf_export.py; t5 and kerple have no stock Hugging Face class and are refused), saved
 as safetensors with config.json, generation_config.json and a tokenizer that gives the run's ids:
 our SentencePiece model converted (data_prep/hf_tokenizer.py), or the run's Hugging Face
 tokenizer.json copied byte for byte. Load with AutoModelForCausalLM / AutoTokenizer, no remote code.

@@ -8,18 +8,21 @@ Build (parallel_state must be initialized first)::
     model = build_model(cfg.model)         # megatron.core.models.gpt.GPTModel, this rank's shard
 
 Standard call (input_ids, position_ids, labels: int64 [b, s]; position_ids = arange(s) per row;
-attention_mask is ALWAYS None -- causal mask and ALiBi bias are built inside attention, for
-any length, with no maximum)::
+attention_mask is ALWAYS None -- the causal mask and the position bias (ALiBi, T5, KERPLE) are
+built inside attention, for any length, with no maximum)::
 
     loss = model(input_ids, position_ids, None, labels=labels)   # fp32 per-token CE [b, s]
     logits = model(input_ids, position_ids, None, runtime_gather_output=True)   # [b, s, vocab]
 
 Without runtime_gather_output the logits are this TP rank's vocab shard [b, s, vocab / tp].
-position_ids feed the sinusoidal table and megatron's rope; ALiBi uses the in-sequence distance
-i - j (as the paper), so reset_position_ids changes nothing for ALiBi. Backend: ModelConfig.
-attention_backend (auto = FlexAttention on CUDA, SDPA elsewhere; logged once at build).
-Weights are drawn on the CPU from the torch seed and sliced per TP rank (same model for any TP);
-pretrain.model.compat lists every CUDA assumption of megatron-core handled for CPU runs.
+position_ids feed the sinusoidal table and megatron's rope; ALiBi, T5 and KERPLE use the
+in-sequence distance i - j (ALiBi as the paper), so reset_position_ids changes nothing for them.
+Backend: ModelConfig.attention_backend (auto = on CUDA the first of attention.AUTO_ORDER that is
+installed and can add the position's bias, SDPA elsewhere; spec.model_backend, logged once at build).
+build_model keeps megatron's init (full weights drawn on the CPU from the torch seed, then sliced
+per TP rank); the trainer redraws every weight with params.init_weights from (seed, global name),
+the same model for any TP/PP layout. pretrain.model.compat lists every CUDA assumption of
+megatron-core handled for CPU runs.
 
 State dict (TP=1, PP=1; L = layer index 0..num_layers-1; d = hidden, n = heads, dh = d / n,
 f = ffn_hidden_size, V = vocab_size). No biases anywhere; LayerNorms have only a weight::
@@ -42,7 +45,7 @@ f = ffn_hidden_size, V = vocab_size). No biases anywhere; LayerNorms have only a
 Layer math (x: [s, b, d]):  x = x + proj(attn(LN1(x)));  x = x + fc2(gelu_erf(fc1(LN2(x))));
 logits = LN_f(x) @ E^T. Attention scores: q.k / sqrt(dh) (+ ALiBi -m_h (i - j), or T5's
 table[bucket(j - i), h], or KERPLE's -max(r1_h, .01) log(1 + max(r2_h, .01) |i - j|)), causal.
-Embedding input: E[tok] (alibi/rope/none) or embedding_scale * E[tok] + PE[pos] (sinusoidal,
+Embedding input: E[tok] (alibi/rope/t5/kerple/none) or embedding_scale * E[tok] + PE[pos] (sinusoidal,
 `sinusoidal.sinusoidal_table`).
 
 HF mapping:
@@ -58,6 +61,7 @@ HF mapping:
   unchanged (per head, as megatron); attention.dense = proj; mlp.dense_h_to_4h / dense_4h_to_h =
   fc1 / fc2 (zero biases); partial_rotary_factor 1.0 (rope) or 0.0 (none), use_parallel_residual
   False, hidden_act "gelu".
+- t5 / kerple: no stock HF class; not exported (tools/hf_export.py).
 """
 
 from .alibi import AlibiBias, alibi_bias, alibi_slopes, rank_slopes
