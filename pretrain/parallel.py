@@ -3,9 +3,10 @@
 Why here: one place owns the rank order (tp fastest, then dp, then pp: megatron's "tp-cp-ep-dp-pp"
 and DeepSpeed's PipeModelDataParallelTopology(pipe, data, model) agree), the launcher variables
 (torchrun, srun, or none), process-group start-up, the GPU switch and the DeepSpeed `mpu` adapter.
-The layout arithmetic (tp x pp x dp) is `pretrain.layout`. megatron-core and DeepSpeed are
-imported where used: checkpoint.py imports this module, and the tools and preflight that read
-checkpoints run without them.
+The layout arithmetic (tp x pp x dp) is `pretrain.layout`. torch, megatron-core and DeepSpeed
+are imported where used: the entry points import `use_gpu` from here before their arguments are
+parsed (--help loads no torch: tests/tools/test_tools_cli.py), and the tools and preflight that
+read checkpoints run without megatron-core or DeepSpeed.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-
-import torch
-import torch.distributed as dist
 
 from pretrain.layout import Layout
 
@@ -95,6 +93,7 @@ def check_world(env: DistEnv, environ: dict[str, str] | None = None) -> None:
     """No silent split world: the world size matches the launcher's promise (checked before the
     rendezvous, `promised_world`) and, once joined, (node, local rank) pairs are unique and span
     the promised nodes. Raises LaunchError naming both numbers and the likely cause."""
+    import torch.distributed as dist
     promised = promised_world(environ)
     if promised is not None and promised[0] != env.world_size:
         raise LaunchError(
@@ -131,6 +130,7 @@ def use_gpu() -> bool:
     to another one (`DS_ACCELERATOR=cpu`, which the CPU tests and CPU SLURM jobs set, keeps a GPU
     machine's process on the CPU). The one switch for the process-group backend, the device,
     `precision: auto`, the `auto` attention kernel and peak-memory readings."""
+    import torch
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
 
 
@@ -151,6 +151,8 @@ def _start_process_group(env: DistEnv, timeout_s: float = 1800) -> None:
     launcher variables are also exported, since DeepSpeed's init_distributed reads them and then
     finds this group running; the engine gets the same GPU (`torch.cuda.current_device()`).
     `timeout_s`: how long a collective (and the rendezvous) waits for a missing peer."""
+    import torch
+    import torch.distributed as dist
     gpu = use_gpu()
     if gpu:
         torch.cuda.set_device(cuda_device(env.local_rank, torch.cuda.device_count()))
@@ -170,6 +172,7 @@ def _start_process_group(env: DistEnv, timeout_s: float = 1800) -> None:
 def seed_rng(seed: int) -> None:
     """Seed torch, and megatron-core's model-parallel RNG tracker (GPU) or its no-op CPU
     stand-in (the CUDA tracker cannot be created without a GPU)."""
+    import torch
     from megatron.core import tensor_parallel
 
     torch.manual_seed(seed)
@@ -189,6 +192,7 @@ def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, env: Dist
     collectives, and the world it joined is checked against the launcher's (`check_world`). Calling it again with
     another tp/pp rebuilds megatron's groups on the same process group (tests, tools). megatron's
     CPU patches come with the model (`build_model` applies `pretrain.model.compat`)."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
@@ -207,6 +211,7 @@ def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234, env: Dist
 
 
 def destroy() -> None:
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
