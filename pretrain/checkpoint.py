@@ -58,7 +58,7 @@ import torch.distributed as dist
 from pretrain import reshard
 from pretrain.config import RESUME_HARMLESS, Config, config_changes, from_dict, to_dict
 from pretrain.parallel import Layout, accelerator_device, seed_rng
-from pretrain.rundir import write_atomic
+from pretrain.rundir import RunDir, write_atomic
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
@@ -80,7 +80,7 @@ class FormatError(CheckpointError):
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 def _step_name(step: int) -> str:

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.metrics import read_records
+from pretrain.rundir import RunDir, read_metrics
 
 
 @dataclass
@@ -49,9 +49,9 @@ def read_run(path: str | Path, name: str | None = None, gpus: int | None = None)
     wandb offline run directory."""
     path = Path(path)
     if path.is_file():
-        records = read_records(path)
-    elif (path / "metrics.jsonl").is_file():
-        records = read_records(path / "metrics.jsonl")
+        records = read_metrics(path)
+    elif RunDir(path).metrics.is_file():
+        records = RunDir(path).records()
     else:
         files = sorted(path.glob("run-*.wandb")) or sorted(path.glob("wandb/offline-run-*/run-*.wandb"))
         if not files:
