@@ -16,6 +16,7 @@ from pretrain.checkpoint import load_consolidated
 from pretrain.data import split_tokens
 from pretrain.model import build_model
 from pretrain.perplexity import perplexity
+from pretrain.rundir import RunDir
 from pretrain.parallel import init_model_parallel
 from tools.compare_runs import main as compare_main
 from tools.hf_export import megatron_to_hf
@@ -89,7 +90,7 @@ def test_tp2_or_pp2_trained_checkpoint_exports_exactly(quick_job, tmp_path, layo
         x = torch.cat([x, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert hf.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False).tolist() == x.tolist()
 
-    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = RunDir(run).records()
     (val,) = [r for r in logged if r.get("kind") == "validation"]
     tokens = split_tokens(cfg.data.sources[0].path, "valid", cfg.validation.tokens)
     for n in (64, 256):
