@@ -85,7 +85,7 @@ class MetricsLogger:
         w = cfg.wandb
         mode = os.environ.get("WANDB_MODE", w.mode)
         if w.enabled and mode != "disabled":
-            import wandb
+            import wandb  # here, not at the top: about 1 s, paid only by runs that log to wandb
 
             self.run = wandb.init(
                 project=w.project,

@@ -219,6 +219,11 @@ class RunDir:
         return self.root / WANDB_ID
 
     @property
+    def wandb(self) -> Path:
+        """wandb's directory (`wandb.init(dir=RUN_DIR)`): offline-run-*/run-*.wandb."""
+        return self.root / "wandb"
+
+    @property
     def log(self) -> Path:
         return self.root / "train.log"
 
