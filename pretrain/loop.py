@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 
 from pretrain import rundir
-from pretrain.rundir import RunDir
 from pretrain.checkpoint import Changes, Found
 from pretrain.config import Config, ConfigError, to_dict
 from pretrain.data import TrainingData
 from pretrain.parallel import DistEnv, Layout, accelerator_device
+from pretrain.rundir import RunDir
 from pretrain.stop import StopRequest
 
 
