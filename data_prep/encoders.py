@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
-from data_prep.manifest import fresh_tmp, tmp_name
+from data_prep.files import fresh_tmp, tmp_name
 
 FAST = "fastokens"
 SPOT_CHECK = 1024  # a chunk re-checks the documents whose 64-bit split key is 0 mod this

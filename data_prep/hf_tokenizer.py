@@ -14,7 +14,6 @@ like `SentencePieceProcessor.encode`. (Decoding differs only for <unk>: Sentence
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
@@ -22,6 +21,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
 from tokenizers.models import BPE, Unigram
 from transformers import PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import generate_merges
+
+from data_prep.files import write_atomic
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # ModelProto.SentencePiece.Type
 UNIGRAM, SPM_BPE = 1, 2
@@ -74,8 +75,4 @@ def spm_to_hf_tokenizer(model_file: str | Path) -> PreTrainedTokenizerFast:
 def write_tokenizer_json(model_file: str | Path, path: str | Path) -> None:
     """Write the converted tokenizer's `tokenizer.json` (what data_prep/encoders.py's fast encoder
     loads) to `path`, atomically."""
-    from data_prep.manifest import tmp_name
-
-    tmp = tmp_name(path)
-    Path(tmp).write_text(spm_to_hf_tokenizer(model_file).backend_tokenizer.to_str())
-    os.replace(tmp, path)
+    write_atomic(path, spm_to_hf_tokenizer(model_file).backend_tokenizer.to_str())

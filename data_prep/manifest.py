@@ -6,34 +6,35 @@ files, DIR/manifest.json, and the readers other stages use.
     DIR/shards/{chunk}_{split}.{bin,idx}    per-chunk shards; removed once their merged shard is
                                             written and verified (unless --keep-chunk-shards)
     DIR/.work/plan.json                     inputs + output settings: a resume must match it
-    DIR/.work/lock                          locked (fcntl) by the running coordinator
+    DIR/.work/lock                          locked (data_prep/files.py FileLock) by the running coordinator
     DIR/.work/done/{chunk}.json             the result of a complete chunk
     DIR/.work/merged/{split}_{k:05d}.json   a merged shard, verified (its chunk shards may be gone)
     DIR/.work/tokenizer.json                the fast encoder's tokenizer, converted from the .model
     DIR/.work/tokenizer.json.sha256         its model's sha256 and its own: a stale copy is converted again
     DIR/.work/submitit/                     submitit logs of SLURM array tasks
 
-Every state file is written to a temporary name, fsynced and renamed (`write_json_atomic`),
-so a kill or a full disk leaves the old version or the new one, never a torn file; a file
-that does not parse is treated as absent. The manifest is assembled from the per-chunk
-results in chunk order, so everything in it except the `run` section (timings, worker count,
-launcher) and `encoder` is identical for identical inputs and settings.
+Every state file is written to a temporary name (`name.tmp<pid>`), fsynced and renamed
+(`write_json_atomic`: data_prep/files.py's writer), so a kill or a full disk leaves the old
+version or the new one, never a torn file; a file that does not parse is treated as absent.
+The manifest is assembled from the per-chunk results in chunk order, so everything in it except
+the `run` section (timings, worker count, launcher) and `encoder` is identical for identical
+inputs and settings.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from data_prep.files import write_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "valid")
 MAX_EXAMPLES = 5  # examples kept per rejection reason
-TMP = ".tmp"  # marks a file being written: `name.tmp<pid>`; a new run deletes leftovers
 
 
 @dataclass(frozen=True)
@@ -120,34 +121,9 @@ class OutputDir:
         return self.merged_marks / f"{Path(prefix).name}.json"
 
 
-def tmp_name(path: str | Path) -> str:
-    """This process's temporary name for `path` (renamed into place when complete)."""
-    return f"{path}{TMP}{os.getpid()}"
-
-
-def fresh_tmp(path: str | Path) -> str:
-    """tmp_name(path), with whatever is there removed: a file left by a killed process of the
-    same pid, or a planted symlink, which `open(..., "w")` would follow and truncate its target."""
-    tmp = tmp_name(path)
-    Path(tmp).unlink(missing_ok=True)
-    return tmp
-
-
 def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one.
-    The temporary file is created new (O_EXCL: never through a symlink); the rename replaces a
-    symlink at `path` itself, never its target."""
-    tmp = fresh_tmp(path)
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`obj` as indented JSON, written atomically (files.write_atomic: the old file or the new one)."""
+    write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def read_json(path: Path) -> dict | None:

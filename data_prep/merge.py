@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.manifest import SPLITS, OutputDir, read_json, safe_prefix, tmp_name, write_json_atomic
+from data_prep.files import tmp_name
+from data_prep.manifest import SPLITS, OutputDir, read_json, safe_prefix, write_json_atomic
 from data_prep.tokenizer import file_sha256
 from data_prep.worker import indexed_dataset
 

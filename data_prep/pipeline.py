@@ -3,8 +3,8 @@
 Every refusal (missing tokenizer, bad settings, unknown input format or Parquet column,
 unwritable or busy output directory, output directory holding shards of another tokenizer or
 other settings) happens before any chunk is started. The output directory is locked
-(`fcntl.lockf` on `.work/lock`, released by the kernel when the coordinator ends, kill -9
-included), so a second run on it is refused at once. A full disk ends the run with the space
+(data_prep/files.py `FileLock` on `.work/lock`, released by the kernel when the coordinator
+ends, kill -9 included), so a second run on it is refused at once. A full disk ends the run with the space
 it needs; the same command then resumes.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -25,7 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from data_prep import encoders, launch
-from data_prep.manifest import TMP, OutputDir, build_manifest, read_json, write_json_atomic, write_manifest
+from data_prep.files import NO_LOCKS, TMP, FileLock, LockBusy
+from data_prep.manifest import OutputDir, build_manifest, read_json, write_json_atomic, write_manifest
 from data_prep.merge import merge_one, plan_merge, verified_merges
 from data_prep.plan import auto_chunk_bytes, describe_input, edges_sha256, estimated_bytes, plan_chunks
 from data_prep.progress import Reporter
@@ -59,31 +59,25 @@ def _size(n: float) -> str:
 def _locked(layout: OutputDir):
     """Hold the output directory's lock for the run; refuse at once if another run holds it.
     A symlink in its place is refused (O_NOFOLLOW): the run would truncate the file it points to."""
+    lock = FileLock(layout.lock)
     try:
-        f = os.fdopen(os.open(layout.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+        lock.acquire(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    except LockBusy as e:
+        raise RefusedError(f"{layout.root} is in use by another preprocess run ({e.holder or 'another process'}); "
+                           f"wait for it to end, or use another --output-dir") from None
     except OSError as e:
-        if e.errno != errno.ELOOP:
+        if e.errno in NO_LOCKS:
+            log.warning(f"cannot lock {layout.lock} ({e.strerror}: the file system has no locks); "
+                        f"make sure no other preprocess run writes to {layout.root}")
+        elif e.errno == errno.ELOOP:
+            raise RefusedError(f"{layout.lock} is a symlink (to {os.readlink(layout.lock)}); this tool writes it: "
+                               f"remove the link and run again") from e
+        else:
             raise RefusedError(f"cannot open {layout.lock} ({e.strerror}); pass a writable --output-dir") from e
-        raise RefusedError(f"{layout.lock} is a symlink (to {os.readlink(layout.lock)}); this tool writes it: "
-                           f"remove the link and run again") from e
-    try:
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno in (errno.EACCES, errno.EAGAIN):
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise RefusedError(f"{layout.root} is in use by another preprocess run ({holder}); wait for it "
-                               f"to end, or use another --output-dir") from e
-        log.warning(f"cannot lock {layout.lock} ({e.strerror}: the file system has no locks); "
-                    f"make sure no other preprocess run writes to {layout.root}")
-    f.truncate(0)
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
     try:
         yield
     finally:
-        f.close()  # releases the lock
+        lock.release()
 
 
 def _prepare_dirs(layout: OutputDir) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.encoders import SPOT_CHECK, first_difference
-from data_prep.manifest import MAX_EXAMPLES, SPLITS, OutputDir, fresh_tmp, read_json, tmp_name, write_json_atomic
+from data_prep.files import fresh_tmp, tmp_name
+from data_prep.manifest import MAX_EXAMPLES, SPLITS, OutputDir, read_json, write_json_atomic
 from data_prep.plan import Chunk
 from data_prep.readers import ChunkReader
 from data_prep.settings import PrepSettings

@@ -61,7 +61,7 @@ from pretrain.config import Config, from_dict, to_dict
 from pretrain.layout import Layout
 from pretrain.parallel import accelerator_device, seed_rng, use_gpu
 from pretrain.resume import layout_change
-from pretrain.rundir import write_atomic
+from pretrain.rundir import RunDir, write_atomic
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
@@ -81,7 +81,7 @@ class FormatError(CheckpointError):
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 def _step_name(step: int) -> str:

@@ -30,6 +30,7 @@ from pretrain.parallel import DistEnv, accelerator_device, init_model_parallel
 from pretrain.perplexity import nonoverlapping_windows
 from pretrain.resume import Changes, layout_change, resume_changes
 from pretrain.schedule import lr_at
+from pretrain.rundir import RunDir
 from pretrain.stop import StopRequest
 
 if TYPE_CHECKING:  # imported where it is used: deepspeed and megatron stay out of --dry-run
@@ -130,8 +131,8 @@ def preflight(cfg: Config, env: DistEnv, run_dir: Path, allow: tuple[str, ...] =
         errors += e.errors
     data, more = data_errors(cfg)
     errors += more + runtime_errors(cfg)
-    errors += rundir.link_errors(run_dir)
-    busy = rundir.holder(run_dir)
+    errors += RunDir(run_dir).link_errors()
+    busy = RunDir(run_dir).holder()
     if busy is not None and not rundir.is_predecessor(busy):  # that one rank 0 waits for
         errors.append(rundir.busy_message(run_dir, busy))
     layout = Layout.of(cfg, env.world_size)
@@ -224,7 +225,7 @@ def train(cfg: Config, run_dir: Path, env: DistEnv, stop: StopRequest | None = N
 def _lock_run_dir(run_dir: Path, rank: int) -> rundir.RunLock:
     """Rank 0 takes the run directory's lock; every rank learns the outcome (a refused start
     ends on every rank with the holder's name, before anything is written)."""
-    lock, refused = rundir.RunLock(run_dir), [None]
+    lock, refused = RunDir(run_dir).lock(), [None]
     if rank == 0:
         try:
             lock.acquire()
@@ -283,7 +284,7 @@ def _start(cfg: Config, run_dir: Path, env: DistEnv, plan: Plan, allow: tuple[st
         first = plan.data.sources[0]
         val_tokens = data.split_tokens(first.path, "valid", cfg.validation.tokens, first.manifest)
     if env.rank == 0:
-        history = rundir.write_config(run_dir, to_dict(cfg), step)
+        history = RunDir(run_dir).write_config(to_dict(cfg), step)
         if resumed is not None:
             print(f"resumed from {resumed[0]} at step {step}", flush=True)
             if changes.layout:

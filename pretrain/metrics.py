@@ -2,10 +2,8 @@
 console progress bar. Only global rank 0 writes; every record is also one JSON line so
 tools/compare_runs.py can read a run without wandb.
 
-metrics.jsonl is written one whole line per write: a write that fails (a full disk) is cut back
-to the last complete line, and a line torn by a kill is removed when the run starts again. Its
-one reader, `read_records`, skips a torn last line (a run being written, or killed) and refuses a
-damaged one before it; the tools read it there.
+metrics.jsonl's format, its writer (one whole line per record) and its one reader are
+pretrain/rundir.py's (`RunDir`); the tools read it there.
 
 MFU (docs/mfu.md): model FLOPs per token, the convention of PaLM (Chowdhery et al. 2022, App. B)
 and MPT's llm-foundry, so numbers compare with the MPT-1b anchor:
@@ -18,21 +16,22 @@ full (non-causal) matrices. Recomputation (activation checkpointing) is not coun
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from pretrain.config import Config, to_dict
 from pretrain.layout import Layout
 from pretrain.parallel import use_gpu
-from pretrain.rundir import open_in_run_dir
+from pretrain.rundir import MetricsFile, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +62,6 @@ def peak_memory_gb() -> float:
     """Peak accelerator memory (GPU), else the process's peak resident set (CPU)."""
     if use_gpu():
         return torch.cuda.max_memory_allocated() / 1024**3
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
@@ -73,24 +70,23 @@ class MetricsLogger:
 
     def __init__(self, cfg: Config, run_dir: Path, rank: int, start_step: int):
         self.enabled = rank == 0
-        self.fd: int | None = None
+        self.file: MetricsFile | None = None
         self.run = None
         self.run_info: dict[str, Any] = {}
         self.val_history: list[tuple[int, dict[int, float]]] = []
         self.bar = None
         if not self.enabled:
             return
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.fd = open_in_run_dir(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
-        torn = _cut_torn_line(self.fd)
-        if torn:
-            print(f"{self.path}: removed a torn last line ({torn} bytes, a write cut short by a kill or a full disk)",
-                  flush=True)
-        self.val_history = _validations(self.path, start_step)
+        run = RunDir(run_dir)
+        self.file = run.open_metrics()
+        if self.file.cut:
+            print(f"{self.file.path}: removed a torn last line ({self.file.cut} bytes, a write cut short by a kill or "
+                  "a full disk)", flush=True)
+        self.val_history = _validations(run, start_step)
         w = cfg.wandb
         mode = os.environ.get("WANDB_MODE", w.mode)
         if w.enabled and mode != "disabled":
-            import wandb
+            import wandb  # here, not at the top: about 1 s, paid only by runs that log to wandb
 
             self.run = wandb.init(
                 project=w.project,
@@ -100,14 +96,12 @@ class MetricsLogger:
                 dir=str(run_dir),
                 mode=mode,
                 config=to_dict(cfg),
-                id=_wandb_id(run_dir),
+                id=run.wandb_run_id(),
                 resume="allow",
             )
             # One chart for the extrapolation curve: every val/ppl_at_* shares the x axis.
             self.run.define_metric("step")
             self.run.define_metric("*", step_metric="step")
-        from tqdm import tqdm
-
         # In a log file (SLURM), not a terminal: an ASCII bar (the console lines on stdout share the
         # file, and a multi-byte bar character cut by them is not UTF-8) redrawn once a minute.
         tty = sys.stderr.isatty()
@@ -125,15 +119,12 @@ class MetricsLogger:
     def _write(self, record: dict[str, Any]) -> None:
         """One line, whole or not at all: a failed write is cut back to the last complete line (a
         full disk leaves no torn record; the checkpoint save then stops the run with its message)."""
-        data, end = (json.dumps(record) + "\n").encode(), os.lseek(self.fd, 0, os.SEEK_END)
         try:
-            while data:
-                data = data[os.write(self.fd, data):]
+            self.file.append(record)
         except OSError as e:
-            os.ftruncate(self.fd, end)
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            self.warn(f"{self.path}: the record of step {record.get('step')} was not written ({e.strerror})")
+            self.warn(f"{self.file.path}: the record of step {record.get('step')} was not written ({e.strerror})")
 
     def describe_run(self, info: dict[str, Any]) -> None:
         """What this run runs on (device, precision, attention kernel): added to every training
@@ -197,10 +188,10 @@ class MetricsLogger:
         return best
 
     def close(self, summary: str = "") -> None:
-        if not self.enabled or self.fd is None:
+        if not self.enabled or self.file is None:
             return
-        os.close(self.fd)
-        self.fd = None
+        self.file.close()
+        self.file = None
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -210,58 +201,15 @@ class MetricsLogger:
             self.run.finish()
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl, in order. A torn last line (the run is writing it, or was
-    killed mid-write) is skipped; a line before it that is not a JSON object is damage: ValueError
-    naming it."""
-    lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            record, why = None, str(e)
-        else:
-            why = f"a JSON {type(record).__name__}, not an object"
-        if isinstance(record, dict):
-            out.append(record)
-        elif i < len(lines) - 1:
-            raise ValueError(f"{path}: line {i + 1} is not a metrics record ({why}): the file was damaged or "
-                             "written by something else")
-    return out
-
-
-def _cut_torn_line(fd: int) -> int:
-    """Truncate the file after its last newline (a line left torn by a kill); returns the bytes cut."""
-    size = os.fstat(fd).st_size
-    tail = os.pread(fd, min(size, 1 << 20), max(size - (1 << 20), 0))
-    if not tail or tail.endswith(b"\n"):
-        return 0
-    keep = size - len(tail) + tail.rfind(b"\n") + 1  # rfind -1: no newline in the last MiB
-    os.ftruncate(fd, keep)
-    return size - keep
-
-
-def _validations(path: Path, upto: int) -> list[tuple[int, dict[int, float]]]:
+def _validations(run: RunDir, upto: int) -> list[tuple[int, dict[int, float]]]:
     """The validation records of an earlier start of this run, up to the step it resumes from
     (later ones belong to steps that will be trained again). A damaged file gives a warning, not
     a refusal: the history is only the summary's best perplexity."""
     try:
-        records = read_records(path) if path.is_file() else []
+        records = run.records()
     except ValueError as e:
         log.warning(str(e))
         print(f"WARNING: {e}; earlier validation records are left out of the summary", flush=True)
         return []
     return [(r["step"], {int(k.rsplit("_", 1)[1]): v for k, v in r.items() if k.startswith("val/ppl_at_")})
             for r in records if r.get("kind") == "validation" and r.get("step", upto + 1) <= upto]
-
-
-def _wandb_id(run_dir: Path) -> str:
-    """A stable run id per run directory, so a resumed (requeued) job continues the same run."""
-    path = Path(run_dir) / "wandb_id.txt"
-    if not os.path.lexists(path):
-        import uuid
-
-        with os.fdopen(open_in_run_dir(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w") as f:
-            f.write(uuid.uuid4().hex[:12])
-    return path.read_text().strip()

@@ -18,16 +18,16 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from pretrain.config import AttentionBackend  # light: no torch (--help stays fast)
+from data_prep.manifest import load_manifest
+from pretrain.config import AttentionBackend, load_config  # light: no torch (--help stays fast)
 from tools.jobs import ROOT, JobError
+from tools.runs import compare, read_run, run_names
 
 PAPER_PAIR = [str(ROOT / "configs" / f) for f in ("gpt_1p3b_alibi_L1024.yaml", "gpt_1p3b_sinusoidal_L2048.yaml")]
 
 
 def bench(args) -> None:
-    from data_prep.manifest import load_manifest
-    from pretrain.config import load_config
-    from tools.bench.compare import BenchSpec, benchmark
+    from tools.bench.compare import BenchSpec, benchmark  # torch: after --help
 
     load_manifest(args.data)  # not preprocessed data: one line now, not a trainer's traceback later
 
@@ -45,8 +45,7 @@ def bench(args) -> None:
 
 
 def runs(args) -> None:
-    from tools.plotting import plot_curves
-    from tools.runs import compare, read_run, run_names
+    from tools.plotting import plot_curves  # matplotlib: after --help
 
     loaded = [read_run(p, name, gpus=args.gpus) for p, name in zip(args.run, run_names(args.run))]
     target, rows = compare(loaded, args.eval_length, args.target_ppl)

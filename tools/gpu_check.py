@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from data_prep.files import write_atomic
 from pretrain.parallel import use_gpu
 from tools.jobs import ROOT, child_env
 
@@ -189,12 +190,6 @@ def summary_lines(device: str, torch_version: str, records: dict[str, dict]) -> 
                      f"x{comparison['speed_ratio']:.3f}, peak memory x{comparison['memory_ratio']:.3f} (paper: ~1.11x "
                      f"faster, ~0.89x memory), kernels {'/'.join(comparison['kernels'])}")
     return lines
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def cap_log(path: Path, cap: int = LOG_CAP) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import os
 import signal
 import sys
 import time
 from pathlib import Path
+
+from data_prep.files import FileLock, LockBusy
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
@@ -53,28 +54,24 @@ def die_with_parent(sig: int = signal.SIGTERM):
 
 
 class OutputLock:
-    """An exclusive flock on DIR/LOCK_NAME for one tool run over DIR (released when the process
-    ends, kill -9 included); a second run is refused, naming the first's pid."""
+    """An exclusive lock (data_prep/files.py FileLock) on DIR/LOCK_NAME for one tool run over DIR
+    (released when the process ends, kill -9 included); a second run is refused, naming the first's pid."""
 
     def __init__(self, directory: Path, what: str, name: str = ".lock"):
         self.path, self.what = directory / name, what
+        self.file = FileLock(self.path)
 
     def acquire(self) -> "OutputLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or "holder unknown"
-            os.close(self.fd)
-            raise JobError(f"{self.path.parent} is in use by another {self.what} ({holder}): wait for it to "
-                           "finish or stop it, or give this one another --output") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode(), 0)
+            self.file.acquire(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
+        except LockBusy as e:
+            raise JobError(f"{self.path.parent} is in use by another {self.what} ({e.holder or 'holder unknown'}): "
+                           "wait for it to finish or stop it, or give this one another --output") from None
         return self
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
-        os.close(self.fd)  # closing the only descriptor releases the flock
+        self.file.release()

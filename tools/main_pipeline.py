@@ -15,8 +15,16 @@ from pathlib import Path
 
 import torch
 
+from data_prep.corpus import build_default_corpus
+from data_prep.manifest import load_manifest
+from data_prep.pipeline import preprocess
+from data_prep.train_tokenizer import train_tokenizer
 from pretrain.config import Config, load_config
-from pretrain.rundir import busy_message, holder
+from pretrain.data import split_tokens
+from pretrain.rundir import RunDir, busy_message
+from tools.convert_to_hf import convert
+from tools.eval_extrapolation import check_tokenizers, evaluate, write_results
+from tools.eval_models import load_model
 from tools.jobs import ROOT, JobError, child_env, die_with_parent, train_cmd
 from tools.runs import read_run
 
@@ -53,10 +61,6 @@ def stage(name: str):
 
 def build_data(out: Path, s: Settings) -> tuple[Path, Path]:
     """Embedded corpus -> SentencePiece tokenizer -> preprocessed shards. Returns (tokenizer, data dir)."""
-    from data_prep.corpus import build_default_corpus
-    from data_prep.pipeline import preprocess
-    from data_prep.train_tokenizer import train_tokenizer
-
     t = stage("corpus, tokenizer, preprocess")
     corpus = out / "corpus"
     if not (corpus / ".complete").is_file():  # a marker: an interrupted build is redone
@@ -83,24 +87,24 @@ def train(out: Path, data: Path, s: Settings) -> dict[str, Path]:
     t = stage(f"train tiny {', '.join(MODELS)} at L={cfg.model.seq_length} for {steps} steps (in parallel)")
     procs, runs = {}, {name: out / "runs" / name for name in MODELS}
     for run_dir in runs.values():  # a trainer left by an earlier job (one that could not be stopped with it)
-        if (who := holder(run_dir)) is not None:
+        if (who := RunDir(run_dir).holder()) is not None:
             raise JobError(f"{busy_message(run_dir, who)} (a trainer of an earlier main job on {out}?)")
     for name, config in MODELS.items():
         run_dir = runs[name]
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = train_cmd(config, run_dir, data, overrides=list(s.overrides))
-        log = open(run_dir / "train.log", "w")
+        log = open(RunDir(run_dir).log, "w")
         proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT,
                                 preexec_fn=die_with_parent())  # killed with us, even by kill -9
         procs[name] = (proc, log)
-        print(f"{name}: {' '.join(cmd)}\n  log: {run_dir / 'train.log'}", flush=True)
+        print(f"{name}: {' '.join(cmd)}\n  log: {RunDir(run_dir).log}", flush=True)
     while any(p.poll() is None for p, _ in procs.values()):
         time.sleep(2 if steps < 100 else 15)
         print("  " + ", ".join(f"{n}: {_last_step(runs[n])}/{steps} steps" for n in procs), flush=True)
     for name, (p, log) in procs.items():
         log.close()
         if p.returncode:
-            tail = "\n".join((runs[name] / "train.log").read_text().splitlines()[-30:])
+            tail = "\n".join(RunDir(runs[name]).log.read_text().splitlines()[-30:])
             raise JobError(f"training {name} failed (exit {p.returncode}); end of its log:\n{tail}")
     print(f"done in {time.time() - t:.0f} s: {', '.join(str(r) for r in runs.values())}")
     return runs
@@ -108,16 +112,11 @@ def train(out: Path, data: Path, s: Settings) -> dict[str, Path]:
 
 def _last_step(run_dir: Path) -> int:
     """The last step logged so far (the trainer may be writing the last line)."""
-    from pretrain.metrics import read_records
-
-    path = run_dir / "metrics.jsonl"
-    records = read_records(path) if path.is_file() else []
+    records = RunDir(run_dir).records()
     return records[-1].get("step", 0) if records else 0
 
 
 def export(out: Path, run_dir: Path, tok: Path, s: Settings) -> Path:
-    from tools.convert_to_hf import convert
-
     t = stage("export tiny ALiBi to Hugging Face (MptForCausalLM)")
     hf = convert(run_dir, out / "hf" / run_dir.name, tokenizer=tok, overwrite=True)  # the default 64 x L positions
     print(f"done in {time.time() - t:.0f} s: {hf}")
@@ -125,11 +124,6 @@ def export(out: Path, run_dir: Path, tok: Path, s: Settings) -> Path:
 
 
 def extrapolation(out: Path, data: Path, models: dict[str, Path], s: Settings) -> list[dict]:
-    from data_prep.manifest import load_manifest
-    from pretrain.data import split_tokens
-    from tools.eval_extrapolation import check_tokenizers, evaluate, write_results
-    from tools.eval_models import load_model
-
     t = stage("extrapolation evaluation (nonoverlapping)")
     lengths = [m * model_config("alibi", s).model.seq_length for m in s.length_multipliers]
     check_tokenizers(list(models.values()), data, load_manifest(data))

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.metrics import read_records
+from pretrain.rundir import RunDir, read_metrics
 
 
 @dataclass
@@ -49,11 +49,11 @@ def read_run(path: str | Path, name: str | None = None, gpus: int | None = None)
     wandb offline run directory."""
     path = Path(path)
     if path.is_file():
-        records = read_records(path)
-    elif (path / "metrics.jsonl").is_file():
-        records = read_records(path / "metrics.jsonl")
+        records = read_metrics(path)
+    elif RunDir(path).metrics.is_file():
+        records = RunDir(path).records()
     else:
-        files = sorted(path.glob("run-*.wandb")) or sorted(path.glob("wandb/offline-run-*/run-*.wandb"))
+        files = sorted(path.glob("run-*.wandb")) or sorted(RunDir(path).wandb.glob("offline-run-*/run-*.wandb"))
         if not files:
             raise FileNotFoundError(f"{path}: no metrics.jsonl and no wandb offline run (run-*.wandb) in it")
         records = [r for f in files for r in read_wandb_history(f)]
@@ -110,7 +110,7 @@ def run_names(paths: list[str | Path]) -> list[str]:
 def read_wandb_history(path: str | Path) -> list[dict]:
     """History rows of a wandb offline `.wandb` file (LevelDB-log framing of protobuf Records:
     7-byte file header, 32 KiB blocks, 7-byte record headers crc/length/type FULL|FIRST|MIDDLE|LAST)."""
-    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.proto import wandb_internal_pb2 as pb  # here: compare_runs.py --help imports this module
 
     data, block, pos, buf, rows = Path(path).read_bytes(), 32768, 7, b"", []
     if data[:4] != b":W&B":

@@ -3,11 +3,12 @@ with 2 tasks, resubmitted from its mid-run checkpoint with 1 task, and that one 
 its own later checkpoint with 2 tasks again, continues with the uninterrupted run's losses
 (1e-4 relative: other layouts sum in another order), the job log naming the layout change."""
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
+
+from pretrain.rundir import RunDir
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STEPS, EVERY = 12, 4
@@ -31,8 +32,7 @@ def run_job(slurm, run_dir: Path, data: Path, tasks: int) -> str:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if r.get("kind", "train") == "train"}
+    return {r["step"]: r["loss"] for r in RunDir(run_dir).records() if r.get("kind", "train") == "train"}
 
 
 def back_to(run_dir: Path, step: int, to: Path) -> Path:

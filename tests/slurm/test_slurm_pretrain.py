@@ -2,12 +2,13 @@
 it trains to the end, and a USR1 sent mid-run makes the job checkpoint, requeue itself and
 resume, with the losses of an uninterrupted run."""
 
-import json
 import math
 import time
 from pathlib import Path
 
 import pytest
+
+from pretrain.rundir import RunDir
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STEPS = 30
@@ -25,9 +26,7 @@ def submit(slurm, run_dir: Path, data: Path) -> int:
 
 def metrics(run_dir: Path) -> list[dict]:
     """Rows of metrics.jsonl (a line still being written is left out)."""
-    path = run_dir / "metrics.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+    return RunDir(run_dir).records()
 
 
 def latest_checkpoint(run_dir: Path) -> str:

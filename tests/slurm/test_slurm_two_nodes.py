@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.rundir import RunDir
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -44,9 +46,7 @@ def submit(slurm, run_dir: Path, data: Path, extra: str) -> int:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+    return RunDir(run_dir).records()
 
 
 def final_losses(run_dir: Path) -> dict[int, float]:

@@ -13,6 +13,7 @@ from pretrain.checkpoint import load_consolidated
 from pretrain.data import split_tokens
 from pretrain.model import build_model
 from pretrain.perplexity import perplexity
+from pretrain.rundir import RunDir
 from pretrain.parallel import init_model_parallel
 from tools.compare_runs import main as compare_main
 from tools.hf_export import megatron_to_hf
@@ -69,7 +70,7 @@ def test_tp2_or_pp2_trained_checkpoint_exports_exactly(quick_job, tmp_path, layo
             torch.testing.assert_close(hf(x).logits, megatron_logits(ours, x), rtol=0, atol=1e-4)
     assert_hf_generates_like(hf, ours, torch.randint(0, cfg.model.vocab_size, (1, 8)))
 
-    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = RunDir(run).records()
     (val,) = [r for r in logged if r.get("kind") == "validation"]
     tokens = split_tokens(cfg.data.sources[0].path, "valid", cfg.validation.tokens)
     for n in (64, 256):

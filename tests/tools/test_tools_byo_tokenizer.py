@@ -15,6 +15,7 @@ import pytest
 
 from data_prep.preprocess import preprocess
 from data_prep.tokenizer import file_sha256
+from pretrain.rundir import RunDir
 from tools.jobs import child_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,8 +60,7 @@ def run_dir(bpe_data, tmp_path_factory) -> Path:
 def test_a_tiny_model_trains_on_bpe_shards_and_records_the_tokenizer(run_dir, bpe_data):
     from pretrain import checkpoint
 
-    losses = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if json.loads(x).get("kind", "train") == "train"]
+    losses = [r["loss"] for r in RunDir(run_dir).records() if r.get("kind", "train") == "train"]
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
     _, meta = checkpoint.find_checkpoint(run_dir)
     manifest = json.loads((bpe_data / "manifest.json").read_text())

@@ -10,6 +10,7 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pretrain.rundir import RunDir
 from tools.eval_extrapolation import main as eval_main
 
 from helpers import assert_hf_generates_like, megatron_logits
@@ -34,7 +35,7 @@ def test_main_job_writes_figure_table_and_equal_hf_perplexity(quick_job):
     table = (out / "comparison.md").read_text()
     assert "| alibi (HF export) | 64 |" in table and "ppl@512" in table
     for name in ("sinusoidal", "rope", "t5", "alibi"):  # the quick runs still learn
-        losses = [json.loads(x)["loss"] for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in RunDir(out / "runs" / name).records()]
         assert losses[-1] < losses[0] - 0.5
 
 

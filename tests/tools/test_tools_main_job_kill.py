@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pretrain.rundir import holder
+from pretrain.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ def wait_for(condition, timeout: float, what: str):
 
 def trainer_pids(out: Path) -> dict[str, int]:
     """Run name -> pid of the trainer holding its run.lock, for the runs locked now."""
-    held = {name: holder(out / "runs" / name) for name in RUNS}
+    held = {name: RunDir(out / "runs" / name).holder() for name in RUNS}
     return {name: int(re.search(r"pid (\d+)", h)[1]) for name, h in held.items() if h}
 
 

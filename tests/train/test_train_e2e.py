@@ -26,6 +26,7 @@ import pytest
 from pretrain import checkpoint
 from pretrain.layout import Layout
 from pretrain.resume import resume_changes
+from pretrain.rundir import RunDir
 
 from helpers import REPO, TINY, hold_lock_then_kill9, launch, wait_all
 
@@ -44,12 +45,7 @@ def train(run_dir: Path, data: Path, world: int = 2, extra=(), **popen):
 
 def records(run_dir: Path, kind: str = "train") -> dict[int, dict]:
     """Last record per step (a resumed run appends)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r.get("kind", "train") == kind:
-            out[r["step"]] = r
-    return out
+    return {r["step"]: r for r in RunDir(run_dir).records() if r.get("kind", "train") == kind}
 
 
 def wandb_history(run_dir: Path) -> list[dict]:
@@ -84,7 +80,7 @@ def run_and_intruder(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
     overlap however loaded the machine is)."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     procs = train(run_dir, tiny_data)
-    lock, metrics, deadline = run_dir / "run.lock", run_dir / "metrics.jsonl", time.time() + 300
+    lock, metrics, deadline = RunDir(run_dir).lock_file, RunDir(run_dir).metrics, time.time() + 300
     while not (lock.is_file() and lock.read_text().strip()) and not (metrics.is_file() and metrics.stat().st_size):
         assert time.time() < deadline and all(p.poll() is None for p in procs), "the first trainer did not start"
         time.sleep(0.05)
@@ -144,7 +140,7 @@ def test_train_second_trainer_on_a_locked_run_dir_is_refused_while_the_first_fin
     for err in intruder["stderr"]:  # both ranks, one line naming the holder
         assert f"train.py: cannot start: run directory {run_dir} is in use by another trainer ({holder}" in err, err
     assert intruder["seconds"] < 120  # refused in preflight: no process group, nothing trained or written
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = RunDir(run_dir).records()
     assert [r["step"] for r in rows if "kind" not in r] == list(range(1, STEPS + 1))  # every step logged once
     assert [r["step"] for r in rows if r.get("kind") == "validation"] == [10, 20, 30]
 
@@ -155,7 +151,7 @@ def test_train_sigterm_then_resume_matches_uninterrupted(uninterrupted, tiny_dat
     procs = train(run_dir, tiny_data, extra=["--save-interval", "1000"])
     deadline = time.time() + 300
     while time.time() < deadline:  # stop it a few steps in, as SLURM would before the time limit
-        if (run_dir / "metrics.jsonl").exists() and max(records(run_dir), default=0) >= 4:
+        if max(records(run_dir), default=0) >= 4:
             break
         time.sleep(0.05)
     for p in procs:
@@ -344,7 +340,7 @@ def test_train_ctrl_c_checkpoints_at_the_next_step_and_exits_0(tiny_data, tmp_pa
                         extra=["validation.interval=0", "wandb.enabled=false", "--save-interval", "1000",
                                "--zero-stage", "1"])
         deadline = time.time() + 300
-        while not ((run_dir / "metrics.jsonl").exists() and max(records(run_dir), default=0) >= 2):
+        while not max(records(run_dir), default=0) >= 2:
             assert time.time() < deadline and proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)

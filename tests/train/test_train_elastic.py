@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from pretrain.checkpoint import load_consolidated
+from pretrain.rundir import RunDir
 
 from helpers import REPO, launch, wait_all
 
@@ -44,12 +45,7 @@ def train_cli(position: str, run_dir: Path, data: Path, world: int, extra=(), **
 
 
 def records(run_dir: Path) -> dict[int, dict]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r.get("kind", "train") == "train":
-            out[r["step"]] = r
-    return out
+    return {r["step"]: r for r in RunDir(run_dir).records() if r.get("kind", "train") == "train"}
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -14,33 +14,35 @@ from helpers import REPO, hold_lock, hold_lock_then_kill9
 
 
 def test_lock_is_exclusive_names_its_holder_and_a_killed_holder_blocks_nothing(tmp_path):
-    from pretrain.rundir import RunDirBusy, RunLock, holder
+    from pretrain.rundir import RunDir, RunDirBusy, RunLock
 
     run = tmp_path / "run"
+    holder = RunDir(run).holder
     p = hold_lock(run)
     who = f"host {socket.gethostname()} pid {p.pid} since "
-    assert holder(run).startswith(who)
+    assert holder().startswith(who)
     with pytest.raises(RunDirBusy, match=f"run directory {run} is in use by another trainer \\({who}"):
         RunLock(run).acquire()
     p.kill()
     p.wait()
-    assert holder(run) is None and f"pid {p.pid} " in (run / "run.lock").read_text()  # stale: left, not held
+    assert holder() is None and f"pid {p.pid} " in (run / "run.lock").read_text()  # stale: left, not held
     lock = RunLock(run)
     lock.acquire()
-    assert holder(run).startswith(f"host {socket.gethostname()} pid {os.getpid()} since ")
+    assert holder().startswith(f"host {socket.gethostname()} pid {os.getpid()} since ")
     lock.release()
     dead = hold_lock_then_kill9(run)  # the conftest helper the end-to-end resume test uses
-    assert holder(run) is None and f"pid {dead} " in (run / "run.lock").read_text()
+    assert holder() is None and f"pid {dead} " in (run / "run.lock").read_text()
 
 
 def test_config_history_keeps_one_file_per_changed_start(tmp_path):
-    from pretrain.rundir import write_config
+    from pretrain.rundir import RunDir
 
+    write_config = RunDir(tmp_path).write_config
     cfg = {"model": {"seq_length": 64}, "train": {"steps": 10}}
-    assert write_config(tmp_path, cfg, 0).name == "config.step_00000000.yaml"
-    assert write_config(tmp_path, cfg, 4) is None  # a plain requeue: nothing new
+    assert write_config(cfg, 0).name == "config.step_00000000.yaml"
+    assert write_config(cfg, 4) is None  # a plain requeue: nothing new
     changed = {"model": {"seq_length": 32}, "train": {"steps": 10}}
-    assert write_config(tmp_path, changed, 7).name == "config.step_00000007.yaml"
+    assert write_config(changed, 7).name == "config.step_00000007.yaml"
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == changed
     assert yaml.safe_load((tmp_path / "config.step_00000000.yaml").read_text()) == cfg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.step_00000000.yaml", "config.step_00000007.yaml",
@@ -81,61 +83,68 @@ def test_a_requeued_slurm_job_waits_for_its_own_earlier_starts_lock_only(tmp_pat
 def test_symlinks_planted_in_a_run_directory_are_never_written_through(tmp_path):
     """run.lock, metrics.jsonl, config.step_*.yaml, wandb_id.txt -> a victim file outside: the
     trainer's writers refuse them (preflight lists them, one line each) and the victim keeps its
-    bytes; config.yaml.tmp and checkpoints/latest.tmp -> the victim are replaced, not followed."""
+    bytes; config.yaml.tmp<pid> and checkpoints/latest.tmp<pid> -> the victim are replaced, not followed."""
     from pretrain.config import load_config
     from pretrain.metrics import MetricsLogger
-    from pretrain.rundir import RunDirError, RunLock, link_errors, write_atomic, write_config
+    from pretrain.rundir import RunDir, RunDirError, RunLock, write_atomic
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    for name in ("run.lock", "metrics.jsonl", "config.step_00000000.yaml", "wandb_id.txt", "config.yaml.tmp",
-                 "checkpoints/latest.tmp"):
+    for name in ("run.lock", "metrics.jsonl", "config.step_00000000.yaml", "wandb_id.txt",
+                 f"config.yaml.tmp{os.getpid()}", f"checkpoints/latest.tmp{os.getpid()}"):
         (run / name).symlink_to(victim)
     cfg = load_config(REPO / "configs" / "tiny_alibi.yaml", ["wandb.mode=offline"])
     for write in (lambda: RunLock(run).acquire(), lambda: MetricsLogger(cfg, run, 0, 0),
-                  lambda: write_config(run, {"a": 1}, 0)):
+                  lambda: RunDir(run).write_config({"a": 1}, 0)):
         with pytest.raises(RunDirError, match="is a symbolic link .*refusing to write through it"):
             write()
-    assert sorted(e.split(" is a symbolic link")[0] for e in link_errors(run)) == [
+    assert sorted(e.split(" is a symbolic link")[0] for e in RunDir(run).link_errors()) == [
         str(run / n) for n in ("config.step_00000000.yaml", "metrics.jsonl", "run.lock", "wandb_id.txt")]
     write_atomic(run / "checkpoints" / "latest", "step_00000001\n")
     (run / "config.step_00000000.yaml").unlink()
-    write_config(run, {"a": 1}, 0)
+    RunDir(run).write_config({"a": 1}, 0)
     assert victim.read_text() == "precious\n"
     assert (run / "checkpoints" / "latest").read_text() == "step_00000001\n" and not (run / "config.yaml").is_symlink()
 
 
 def test_metrics_jsonl_torn_last_line_is_skipped_by_every_reader_and_cut_on_restart(tmp_path):
-    """A kill (or a full disk) mid-write leaves a torn last line: the readers (pretrain.metrics,
-    tools.runs, tools.main_pipeline, tools.bench.compare) skip it, a damaged line before the last is
-    refused naming it, and the next start of the run cuts the torn line before appending."""
-    import json
-
+    """A kill (or a full disk) mid-write leaves a torn last line: the one reader (RunDir.records,
+    which the training loop and tools.runs, tools.main_pipeline, tools.bench.compare use) skips
+    it, a damaged line before the last is refused naming the file and the line, and the next start
+    of the run cuts the torn line before appending. Expected records: hand-written JSON lines."""
     from pretrain.config import load_config
-    from pretrain.metrics import MetricsLogger, read_records
-    from tools.bench.compare import read_records as bench_reader
+    from pretrain.metrics import MetricsLogger
+    from pretrain.rundir import RunDir, read_metrics
     from tools.main_pipeline import _last_step
     from tools.runs import read_run
 
     run = tmp_path / "run"
     run.mkdir()
-    records = [{"step": s, "loss": 5.0 - s, "step_time_s": 1.0} for s in (1, 2)]
-    good = "".join(json.dumps(r) + "\n" for r in records)
     path = run / "metrics.jsonl"
+    good = '{"step": 1, "loss": 4.0, "step_time_s": 1.0}\n{"step": 2, "loss": 3.0, "step_time_s": 1.0}\n'
+    records = [{"step": 1, "loss": 4.0, "step_time_s": 1.0}, {"step": 2, "loss": 3.0, "step_time_s": 1.0}]
+    assert RunDir(run).records() == []  # no file yet
+    path.write_text(good)
+    assert RunDir(run).records() == records and read_metrics(path) == records
     path.write_text(good + '{"step": 3, "loss": 2.')  # torn
-    assert read_records(path) == records and bench_reader is read_records
-    assert _last_step(run) == 2 and sorted(read_run(run).hours) == [1, 2]
-    path.write_text(good.replace('"step": 1', '"step": 1,,') + good)
-    with pytest.raises(ValueError, match="metrics.jsonl: line 1 is not a metrics record"):
-        read_run(run)
+    assert RunDir(run).records() == records and read_metrics(path) == records
+    assert _last_step(run) == 2 and sorted(read_run(run).hours) == [1, 2] and sorted(read_run(path).hours) == [1, 2]
+    path.write_text('{"step": 1, "loss": 4.0}\n{"step": 2, "lo\n{"step": 3, "loss": 2.0}\n')  # torn in the middle
+    for read in (RunDir(run).records, lambda: read_run(run), lambda: _last_step(run)):
+        with pytest.raises(ValueError, match=f"^{path}: line 2 is not a metrics record"):
+            read()
+    path.write_text(good + '[1, 2]\n{"step": 3}\n')  # a JSON line that is not a record
+    with pytest.raises(ValueError, match=f"^{path}: line 3 is not a metrics record \\(a JSON list, not an object"):
+        read_metrics(path)
     path.write_text(good + '{"step": 3, "loss": 2.')
     cfg = load_config(REPO / "configs" / "tiny_alibi.yaml", ["wandb.enabled=false"])
     logger = MetricsLogger(cfg, run, 0, 2)
     logger.log({"step": 3, "loss": 2.5})
     logger.close()
-    assert [r["step"] for r in read_records(path)] == [1, 2, 3] and path.read_text().endswith("}\n")
+    assert [r["step"] for r in RunDir(run).records()] == [1, 2, 3] and path.read_text().startswith(good)
+    assert path.read_text()[len(good):].startswith('{"time": ') and path.read_text().endswith('"loss": 2.5}\n')
 
 
 def test_metrics_record_that_hits_a_full_disk_leaves_no_torn_line(tmp_path, capsys, monkeypatch):
@@ -144,6 +153,7 @@ def test_metrics_record_that_hits_a_full_disk_leaves_no_torn_line(tmp_path, caps
 
     from pretrain import metrics
     from pretrain.config import load_config
+    from pretrain.rundir import RunDir
 
     run = tmp_path / "run"
     run.mkdir()
@@ -162,5 +172,5 @@ def test_metrics_record_that_hits_a_full_disk_leaves_no_torn_line(tmp_path, caps
     monkeypatch.undo()
     logger.log({"step": 3, "loss": 1.0})
     logger.close()
-    assert [r["step"] for r in metrics.read_records(run / "metrics.jsonl")] == [1, 3]
+    assert [r["step"] for r in RunDir(run).records()] == [1, 3]
     assert "the record of step 2 was not written (No space left on device)" in capsys.readouterr().out

@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from typing import TYPE_CHECKING
 
+from data_prep.files import write_atomic
 from pretrain.parallel import use_gpu
 
 if TYPE_CHECKING:  # torch and the model's kernels are imported where used: --help stays instant
@@ -194,7 +194,8 @@ def main(argv=None) -> list[dict]:
                                max_abs_diff_vs_ref=None if ref is None else (out.float() - ref.float()).abs().max().item())
             rows.append(row)
             add_ratios(rows)
-            write_atomic(args.out, {"device": device, "torch": torch.__version__, "smoke": args.smoke, "rows": rows})
+            write_atomic(args.out, json.dumps({"device": device, "torch": torch.__version__, "smoke": args.smoke,
+                                               "rows": rows}, indent=1))  # after each row: a crash keeps every row
             print(format_row(row), flush=True)
     print(f"\n{'variant':<22}{'L':>6}{'b':>4} {'mode':<8}{'ms':>9}{'TFLOP/s':>9}{'peak GiB':>10}{'diff':>10}"
           f"{'x ceil':>8}{'x fam':>7}")
@@ -214,14 +215,6 @@ def add_ratios(rows: list[dict]) -> None:
         method, _, kernel = r["variant"].partition("-")  # the same kernel without a score bias
         twin = timed.get((f"sinusoidal-{kernel}", r["L"])) if method in ("alibi", "t5", "kerple") else None
         r["x_family"] = r["ms"] / twin["ms"] if twin else None
-
-
-def write_atomic(path: str, result: dict) -> None:
-    """The JSON as it stands after each row: a time-out or crash keeps every row measured."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
 
 
 def format_row(r: dict, ratios: bool = False) -> str:

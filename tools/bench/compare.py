@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from pretrain.config import load_config
-from pretrain.metrics import read_records
+from pretrain.model.spec import resolve_backend
 from pretrain.parallel import use_gpu
+from pretrain.rundir import RunDir
 from tools.jobs import ROOT, JobError, child_env, train_cmd
 from tools.plotting import plot_bars
 
@@ -48,8 +49,7 @@ def run_one(spec: BenchSpec, *, data: str, steps: int, tokens_per_batch: int, ba
         raise ValueError(f"--tokens-per-batch {tokens_per_batch} is not a multiple of {spec.name}'s L={spec.seq_length}")
     micro = tokens_per_batch // spec.seq_length
     run_dir, data = out_dir.resolve() / spec.name, str(Path(data).resolve())  # the trainer runs in the repo root
-    if (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()  # a fresh measurement, not a resumed one
+    RunDir(run_dir).metrics.unlink(missing_ok=True)  # a fresh measurement, not a resumed one
     cmd = train_cmd(spec.config, run_dir, data, "--steps", str(steps), "--seq-length", str(spec.seq_length),
                     "--micro-batch", str(micro), "--log-interval", "1", overrides=[
                         f"train.global_batch_size={micro}", f"model.attention_backend={backend}",
@@ -58,7 +58,7 @@ def run_one(spec: BenchSpec, *, data: str, steps: int, tokens_per_batch: int, ba
     print("+", " ".join(cmd), flush=True)
     if subprocess.run(cmd, cwd=ROOT, env=child_env()).returncode:
         raise JobError(f"training {spec.name} failed (its error is printed above): {' '.join(cmd)}")
-    return [r for r in read_records(run_dir / "metrics.jsonl") if "loss" in r]
+    return [r for r in RunDir(run_dir).records() if "loss" in r]
 
 
 def summarize(spec: BenchSpec, records: list[dict], warmup: int, tokens_per_batch: int) -> dict:
@@ -76,8 +76,6 @@ def summarize(spec: BenchSpec, records: list[dict], warmup: int, tokens_per_batc
 
 def benchmark(specs: list[BenchSpec], *, data: str, steps: int, warmup: int, tokens_per_batch: int,
               backend: str, out_dir: Path, overrides: list[str] = ()) -> dict:
-    from pretrain.model.spec import resolve_backend
-
     # the same kernel for every run (one that serves every config's position); "auto" resolved here, stated
     kernel = resolve_backend(backend, [load_config(s.config).model.position for s in specs])
     out_dir.mkdir(parents=True, exist_ok=True)
