@@ -56,12 +56,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_prep.files import write_atomic
 from pretrain import reshard
 from pretrain.config import Config, from_dict, to_dict
 from pretrain.layout import Layout
 from pretrain.parallel import accelerator_device, seed_rng, use_gpu
 from pretrain.resume import layout_change
-from pretrain.rundir import RunDir, write_atomic
+from pretrain.rundir import RunDir
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2

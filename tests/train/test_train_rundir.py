@@ -86,7 +86,8 @@ def test_symlinks_planted_in_a_run_directory_are_never_written_through(tmp_path)
     bytes; config.yaml.tmp<pid> and checkpoints/latest.tmp<pid> -> the victim are replaced, not followed."""
     from pretrain.config import load_config
     from pretrain.metrics import MetricsLogger
-    from pretrain.rundir import RunDir, RunDirError, RunLock, write_atomic
+    from data_prep.files import write_atomic
+    from pretrain.rundir import RunDir, RunDirError, RunLock
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
