@@ -21,8 +21,6 @@ import weakref
 from pathlib import Path
 
 TMP = ".tmp"  # marks a file being written: `name.tmp<pid>`; a new run deletes leftovers
-NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
-"""What flock raises on a file system without it (Lustre without the `flock` mount option)."""
 
 
 def tmp_name(path: str | Path) -> str:
@@ -53,6 +51,12 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class LockUnsupported(OSError):
+    """The lock file opened but flock failed: a file system without it (Lustre without the
+    `flock` mount option says ENOSYS, others ENOLCK, EOPNOTSUPP or EINVAL). Nothing is locked:
+    the caller warns and goes on."""
 
 
 class LockBusy(RuntimeError):
@@ -86,8 +90,8 @@ class FileLock:
     def acquire(self, holder: str) -> None:
         """Take the lock at once and write `holder` (who we are) into the file. Raises LockBusy
         with the holder's text when another process holds it; OSError when the file cannot be
-        opened (ELOOP: it is a symbolic link, never followed) or, with an errno of NO_LOCKS, when
-        the file system has no flock (nothing is locked: the caller warns and goes on)."""
+        opened (ELOOP: it is a symbolic link, never followed); LockUnsupported when it opened but
+        the file system has no flock."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -95,9 +99,9 @@ class FileLock:
             text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
             os.close(fd)
             raise LockBusy(self.path, text) from None
-        except OSError:
+        except OSError as e:
             os.close(fd)
-            raise
+            raise LockUnsupported(e.errno, e.strerror) from e
         os.ftruncate(fd, 0)
         os.pwrite(fd, (holder + "\n").encode(), 0)
         self.fd = fd

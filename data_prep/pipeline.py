@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from data_prep import encoders, launch
-from data_prep.files import NO_LOCKS, TMP, FileLock, LockBusy
+from data_prep.files import TMP, FileLock, LockBusy, LockUnsupported
 from data_prep.manifest import OutputDir, build_manifest, read_json, write_json_atomic, write_manifest
 from data_prep.merge import merge_one, plan_merge, verified_merges
 from data_prep.plan import auto_chunk_bytes, describe_input, edges_sha256, estimated_bytes, plan_chunks
@@ -65,11 +65,11 @@ def _locked(layout: OutputDir):
     except LockBusy as e:
         raise RefusedError(f"{layout.root} is in use by another preprocess run ({e.holder or 'another process'}); "
                            f"wait for it to end, or use another --output-dir") from None
+    except LockUnsupported as e:
+        log.warning(f"cannot lock {layout.lock} ({e.strerror}: the file system has no locks); "
+                    f"make sure no other preprocess run writes to {layout.root}")
     except OSError as e:
-        if e.errno in NO_LOCKS:
-            log.warning(f"cannot lock {layout.lock} ({e.strerror}: the file system has no locks); "
-                        f"make sure no other preprocess run writes to {layout.root}")
-        elif e.errno == errno.ELOOP:
+        if e.errno == errno.ELOOP:
             raise RefusedError(f"{layout.lock} is a symlink (to {os.readlink(layout.lock)}); this tool writes it: "
                                f"remove the link and run again") from e
         else:

@@ -44,8 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import zstandard
 
 KINDS = {"jsonl": "jsonl", "ndjson": "jsonl", "json": "jsonl", "txt": "txt", "parquet": "parquet"}
@@ -201,6 +199,9 @@ def expand_inputs(specs: list[str | Path], skipped: list[dict] | None = None) ->
 def parquet_row_groups(path: str | Path, text_key: str) -> list[tuple[int, int]]:
     """(rows, uncompressed bytes of the text column) of each row group, from the file footer.
     A missing or non-text column is refused here, before any work starts."""
+    import pyarrow as pa  # here: --help and the other formats never load pyarrow
+    import pyarrow.parquet as pq
+
     meta = pq.ParquetFile(path).metadata
     schema = meta.schema.to_arrow_schema()
     if text_key not in schema.names:
@@ -517,6 +518,9 @@ class ChunkReader:
 
     def _parquet(self) -> Iterator[Record]:
         """Rows of row groups [start, end), PARQUET_BATCH_ROWS at a time, text column only."""
+        import pyarrow as pa  # here: --help and the other formats never load pyarrow
+        import pyarrow.parquet as pq
+
         try:  # page checksums, where the writer stored them, are verified
             pf = pq.ParquetFile(self.path, buffer_size=1 << 20, page_checksum_verification=True)
         except (OSError, pa.ArrowException) as e:
@@ -533,6 +537,8 @@ class ChunkReader:
                 self.lines = first + rows
 
     def _row_group(self, pf, g: int) -> Iterator[Record]:
+        import pyarrow as pa
+
         for batch in pf.iter_batches(PARQUET_BATCH_ROWS, row_groups=[g], columns=[self.text_key], use_threads=False):
             # large_binary: the raw UTF-8 bytes (zero-copy), decoded and checked per row below
             for data in batch.column(0).cast(pa.large_binary()).to_pylist():

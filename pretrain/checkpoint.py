@@ -355,8 +355,22 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
                 shutil.rmtree(final)
             os.rename(tmp, final)
             _fsync_dir(root)
+    # The checkpoint is complete. Out of space for `latest` (a few bytes): remove it (that needs no
+    # space), so that a resume scans and takes the newest checkpoint, this one, not the one before.
+    failed = None
+    if rank == 0:
+        try:
             write_atomic(root / "latest", final.name + "\n")
             _prune(root, cfg.checkpoint.keep_last)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            (root / "latest").unlink(missing_ok=True)
+            failed = e
+    if not _agree_ok(failed):
+        raise CheckpointError(f"no space left on the device of {root} ({(failed or OSError(0, 'on rank 0')).strerror}) "
+                              f"after {final.name} was written: it is complete, and `latest` was removed so that a "
+                              "resume takes it; free space or lower checkpoint.keep_last, then resume")
     return final
 
 

@@ -37,6 +37,9 @@ class Layout:
             return [f"parallel.tensor_parallel={tp} and pipeline_parallel={pp} must be positive"]
         if world_size is None:
             return []
+        if world_size < 1:
+            return [f"world size {world_size} must be positive: set --world-size (or WORLD_SIZE / SLURM_NTASKS) "
+                    "to the number of GPUs"]
         if world_size % (tp * pp):
             return [f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = "
                     f"{tp * pp}: change the GPU count or the layout"]

@@ -16,7 +16,7 @@ global rank 0 and held until the process ends; the kernel drops it when the proc
 who held it last. On a network file system the lock is the server's: after a node crash NFSv4
 keeps it until the dead client's lease ends (90 s by default), so a requeued start of the same
 SLURM job waits for its predecessor's lock (up to `PREDECESSOR_WAIT_S`) instead of being
-refused. Lustre needs the `flock` mount option, else the lock is refused and we warn.
+refused. Lustre needs the `flock` mount option; without it nothing is locked and we warn.
 
 metrics.jsonl is written one whole line per write (`MetricsFile.append`): a write that fails (a
 full disk) is cut back to the last complete line, and a line torn by a kill is removed when the
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import yaml
 
-from data_prep.files import NO_LOCKS, FileLock, LockBusy, lock_holder, write_atomic
+from data_prep.files import FileLock, LockBusy, LockUnsupported, lock_holder, write_atomic
 
 LOCK, METRICS, CONFIG, WANDB_ID = "run.lock", "metrics.jsonl", "config.yaml", "wandb_id.txt"
 PREDECESSOR_WAIT_S = 300.0
@@ -121,14 +121,14 @@ class RunLock:
                           "network file system keeps a crashed node's lock until its lease ends", flush=True)
                     waiting = True
                 time.sleep(min(5.0, wait_s / 10))
-            except OSError as e:
-                if e.errno == errno.ELOOP:
-                    raise RunDirError(_link_message(self.file.path)) from None
-                if e.errno not in NO_LOCKS:
-                    raise
+            except LockUnsupported as e:
                 print(f"WARNING: cannot lock {self.file.path} ({e.strerror}: this file system has no flock); "
                       "a second trainer on this run directory will not be detected", flush=True)
                 return
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise RunDirError(_link_message(self.file.path)) from None
+                raise
 
     def release(self) -> None:
         self.file.release()

@@ -25,12 +25,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from data_prep.tokenizer import Tokenizer, file_sha256, tokenizer_file
 
 
 def find_tokenizer(recorded: dict, cfg) -> Path | None:
     """The tokenizer file (.model or tokenizer.json) whose sha256 is the one the run recorded: the
     path in meta.json, else the one its data manifests name."""
+    from data_prep.tokenizer import file_sha256  # here: sentencepiece and tokenizers load after --help
+
     candidates = [recorded.get("path")]
     for src in cfg.data.sources:
         manifest = Path(src.path) / "manifest.json"
@@ -86,6 +87,7 @@ def convert(checkpoint: str | Path, output: str | Path, max_positions: int | Non
             tokenizer: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write the HF model (+ tokenizer) for `checkpoint` into `output`; returns `output`.
     An existing export at `output` is replaced only with `overwrite`."""
+    from data_prep.tokenizer import Tokenizer, file_sha256, tokenizer_file
     from pretrain.checkpoint import load_consolidated
 
     output = Path(output)

@@ -12,8 +12,8 @@ machine (the CPU tests there) is still a CPU model, and a GPU model gets megatro
   `get_emb` leaves it there;
 - `mappings._gather_along_last_dim` (TP logits gather) allocates on CUDA -> patched for
   non-CUDA inputs: list all_gather on the input's device (works on gloo);
-- activation recompute saves/restores the CUDA RNG state -> patched for a process that has not
-  initialized CUDA (a CPU run, also on a GPU machine): the CPU RNG state, so dropout masks replay exactly;
+- activation recompute saves/restores the CUDA RNG state -> patched where `use_gpu()` is false (a
+  CPU run, also on a GPU machine): the CPU RNG state, so dropout masks replay exactly;
 - PP > 1 with tied embeddings: `weight.data.cuda()` before the first/last-stage all-reduce ->
   patched: the all-reduce where the weight is (moved to the GPU and back only for nccl);
 - the CUDA RNG tracker (`model_parallel_cuda_manual_seed`) -> `pretrain.parallel.seed_rng`: the

@@ -9,6 +9,9 @@ import os
 import pytest
 
 from data_prep.files import FileLock, LockBusy, lock_holder, write_atomic
+from data_prep.manifest import OutputDir
+from data_prep.pipeline import _locked
+from pretrain.rundir import RunLock
 
 
 def test_write_atomic_replaces_links_and_leaves_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
@@ -76,3 +79,20 @@ def test_a_child_forked_while_the_lock_is_held_does_not_hold_it(tmp_path):
         os.waitpid(pid, 0)
         for fd in (r, w, ready_r, ready_w):
             os.close(fd)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL])
+def test_a_file_system_without_flock_warns_and_runs_unlocked(code, tmp_path, monkeypatch, caplog, capsys):
+    """Lustre mounted without `flock` answers ENOSYS, others ENOLCK/EOPNOTSUPP/EINVAL: both sides
+    warn and go on (nothing can be locked there), neither refuses nor crashes."""
+    def no_flock(fd, op):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr("data_prep.files.fcntl.flock", no_flock)
+    out = OutputDir(tmp_path / "data")
+    out.lock.parent.mkdir(parents=True)
+    with _locked(out):
+        pass
+    assert f"cannot lock {out.lock} ({os.strerror(code)}: the file system has no locks)" in caplog.text
+    RunLock(tmp_path / "run").acquire()
+    assert f"WARNING: cannot lock {tmp_path / 'run' / 'run.lock'} ({os.strerror(code)}" in capsys.readouterr().out

@@ -23,7 +23,7 @@ def run(script: str, *args: str) -> tuple[subprocess.CompletedProcess, float]:
     return out, time.perf_counter() - t0
 
 
-HEAVY = ("torch", "transformers", "deepspeed", "megatron", "matplotlib")
+HEAVY = ("torch", "transformers", "deepspeed", "megatron", "matplotlib", "pyarrow")
 
 
 @pytest.mark.parametrize("script,args", [

@@ -351,6 +351,29 @@ def test_a_full_disk_while_meta_json_is_written_gives_the_same_line(trained, tmp
     assert (run / "checkpoints" / "latest").read_text() == "step_00000003\n"
 
 
+def test_a_full_disk_when_latest_is_written_keeps_the_complete_checkpoint_and_says_so(trained, tmp_path, monkeypatch):
+    """ENOSPC after the rename, at `latest`: the checkpoint is complete, so the line says so (not
+    "the partial checkpoint was removed"), and a resume takes it, not the one `latest` named."""
+    import errno
+
+    run, trainer = copy_run(trained, tmp_path), trained[1]
+    tokenizer = checkpoint.find_checkpoint(run)[1]["tokenizer"]
+    write = checkpoint.write_atomic
+
+    def full_disk(path, data):
+        if path.name == "latest":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        write(path, data)
+
+    monkeypatch.setattr(checkpoint, "write_atomic", full_disk)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save_checkpoint(trainer, run, 4, {}, tokenizer)
+    message = str(e.value)
+    assert "\n" not in message and "after step_00000004 was written: it is complete" in message, message
+    assert "partial" not in message
+    assert checkpoint.find_checkpoint(run)[0].name == "step_00000004"
+
+
 def test_data_regenerated_in_place_is_in_the_resume_diff(trained, tmp_path, tiny_data, monkeypatch):
     """The same data directory, the same tokenizer, another corpus (preprocess rerun into it):
     the checkpoint's data fingerprint differs, so preflight refuses the resume naming

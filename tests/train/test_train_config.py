@@ -49,6 +49,13 @@ def test_train_dry_run_broken_layout_lists_every_error(capsys):
     assert "world size 100 is not divisible by tensor_parallel x pipeline_parallel = 8" in capsys.readouterr().err
 
 
+def test_train_dry_run_refuses_a_world_of_no_gpus(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "0")  # --world-size 0 reads as unset, so the launcher's 0 is used
+    assert main(["--config", str(BIG[0]), "--dry-run", "--world-size", "0"]) == 2
+    assert capsys.readouterr().err == ("train.py: invalid config: world size 0 must be positive: set --world-size "
+                                       "(or WORLD_SIZE / SLURM_NTASKS) to the number of GPUs\n")
+
+
 def test_train_dry_run_refuses_a_layout_that_does_not_fit(capsys):
     code = main(["--config", str(BIG[0]), "--dry-run", "--world-size", "1", "--micro-batch", "64",
                  "train.global_batch_size=64"])
