@@ -50,7 +50,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -277,6 +277,16 @@ def _disk_full(root: Path, tmp: Path, e: OSError) -> CheckpointError:
                            "or lower checkpoint.keep_last, then resume")
 
 
+def _latest_full(root: Path, final: Path, e: OSError) -> CheckpointError:
+    """The one-line message for a full disk at `latest`, after the rename: `final` is complete, and
+    rank 0 removes `latest` (that needs no space) so that a resume takes it, not the one before."""
+    if dist.get_rank() == 0:
+        (root / "latest").unlink(missing_ok=True)
+    return CheckpointError(f"no space left on the device of {root} ({e.strerror}) after {final.name} was written: it "
+                           "is complete, and `latest` was removed so that a resume takes it; free space or lower "
+                           "checkpoint.keep_last, then resume")
+
+
 def _agree_ok(failed: OSError | None) -> bool:
     """Collective: True when no rank's write failed (a failed rank must not leave the others
     waiting in a barrier)."""
@@ -286,10 +296,10 @@ def _agree_ok(failed: OSError | None) -> bool:
 
 
 @contextlib.contextmanager
-def _space_agreed(root: Path, tmp: Path, elsewhere: str):
+def _space_agreed(elsewhere: str, error: Callable[[OSError], CheckpointError]):
     """Collective: run the block on every rank; when one runs out of space (ENOSPC, EDQUOT), every
-    rank raises `_disk_full`'s one line (none is left waiting in a barrier). `elsewhere` names the
-    device for the ranks whose own writes succeeded."""
+    rank raises `error(its OSError)`'s one line (none is left waiting in a barrier). `elsewhere`
+    names the device for the ranks whose own writes succeeded."""
     failed: OSError | None = None
     try:
         yield
@@ -298,7 +308,7 @@ def _space_agreed(root: Path, tmp: Path, elsewhere: str):
             raise
         failed = e
     if not _agree_ok(failed):
-        raise _disk_full(root, tmp, failed or OSError(errno.ENOSPC, f"no space left on {elsewhere}"))
+        raise error(failed or OSError(errno.ENOSPC, f"no space left on {elsewhere}"))
 
 
 def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, Any], tokenizer: dict) -> Path:
@@ -319,7 +329,7 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
         (tmp / "rng").mkdir()
     dist.barrier()
 
-    with _space_agreed(root, tmp, "another rank's device"):
+    with _space_agreed("another rank's device", lambda e: _disk_full(root, tmp, e)):
         reshard.save(trainer, tmp)  # the optimizer state by global name (was DeepSpeed's ds/, by layout)
         tensors, table = _model_shard(trainer)
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -347,7 +357,7 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
             **extra,
             "files": dict(sorted(kv for share in shares for kv in share.items())),
         }
-    with _space_agreed(root, tmp, "rank 0's device"):
+    with _space_agreed("rank 0's device", lambda e: _disk_full(root, tmp, e)):
         if rank == 0:
             write_meta(tmp, meta)
             _fsync_dir(tmp)
@@ -355,22 +365,10 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra: dict[str, An
                 shutil.rmtree(final)
             os.rename(tmp, final)
             _fsync_dir(root)
-    # The checkpoint is complete. Out of space for `latest` (a few bytes): remove it (that needs no
-    # space), so that a resume scans and takes the newest checkpoint, this one, not the one before.
-    failed = None
-    if rank == 0:
-        try:
+    with _space_agreed("rank 0's device", lambda e: _latest_full(root, final, e)):  # the checkpoint is complete
+        if rank == 0:
             write_atomic(root / "latest", final.name + "\n")
             _prune(root, cfg.checkpoint.keep_last)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            (root / "latest").unlink(missing_ok=True)
-            failed = e
-    if not _agree_ok(failed):
-        raise CheckpointError(f"no space left on the device of {root} ({(failed or OSError(0, 'on rank 0')).strerror}) "
-                              f"after {final.name} was written: it is complete, and `latest` was removed so that a "
-                              "resume takes it; free space or lower checkpoint.keep_last, then resume")
     return final
 
 
