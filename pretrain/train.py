@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(args)
         allow = allowed_changes(args.allow_config_change, cfg)
+        run_dir = Path(args.run_dir or Path("outputs") / Path(args.config).stem)
         if args.dry_run:
             world = args.world_size or int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
             cfg.validate(world)
@@ -91,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                 errors = data_errors(cfg)[1]
                 if errors:
                     raise ConfigError(errors)
-            estimate = estimate_memory(cfg, Layout.of(cfg, world))
+            layout = Layout.of(cfg, world)
+            estimate = estimate_memory(cfg, layout)
             print(f"config {args.config}: valid for {world} GPUs\n")
             print(estimate.table(cfg))
             from pretrain.loop import dry_run_resume
 
-            dry_run_resume(cfg, Layout.of(cfg, world), Path(args.run_dir or Path("outputs") / Path(args.config).stem))
+            dry_run_resume(cfg, layout, run_dir)
             if estimate.total_gb > cfg.hardware.gpu_memory_gb:
                 raise ConfigError([f"estimated {estimate.total_gb:.1f} GiB per GPU exceeds hardware.gpu_memory_gb="
                                    f"{cfg.hardware.gpu_memory_gb:g}: lower train.micro_batch_size, set "
@@ -107,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.loop import TrainingError, train
         from pretrain.parallel import LaunchError, read_env
 
-        run_dir = Path(args.run_dir or Path("outputs") / Path(args.config).stem)
         try:
             return train(cfg, run_dir, read_env(), stop, allow)
         except (TrainingError, DamagedShardError) as e:
