@@ -48,12 +48,13 @@ def read_run(path: str | Path, name: str | None = None, gpus: int | None = None)
     """A run directory (metrics.jsonl, else its wandb/offline-run-*), a metrics.jsonl file, or a
     wandb offline run directory."""
     path = Path(path)
+    run = RunDir(path)
     if path.is_file():
         records = read_metrics(path)
-    elif RunDir(path).metrics.is_file():
-        records = RunDir(path).records()
+    elif run.metrics.is_file():
+        records = run.records()
     else:
-        files = sorted(path.glob("run-*.wandb")) or sorted(RunDir(path).wandb.glob("offline-run-*/run-*.wandb"))
+        files = sorted(path.glob("run-*.wandb")) or sorted(run.wandb.glob("offline-run-*/run-*.wandb"))
         if not files:
             raise FileNotFoundError(f"{path}: no metrics.jsonl and no wandb offline run (run-*.wandb) in it")
         records = [r for f in files for r in read_wandb_history(f)]
