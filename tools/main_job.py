@@ -1,4 +1,4 @@
-"""The main job: the whole pipeline on a CPU in about 5 minutes (308 s on 2 cores), ending in the paper's Figure 1.
+"""The main job: the whole pipeline on a CPU in about 5 minutes (277-329 s on 2 cores), ending in the paper's Figure 1.
 
     python tools/main_job.py [--output outputs/main_job] [--quick] [--steps N] [--fresh]
 
